@@ -1,0 +1,54 @@
+# fmnist: `make all` sets everything up and runs the full study; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PARAMS ?= params
+OUT ?= reports
+BIN := $(VENV)/bin
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: all setup data study smoke report test lint nbval lab kernel clean
+
+all: setup data study  ## Set up, then run the full study and render reports/report.html.
+
+setup: $(VENV)/.installed  ## Create the virtual environment and install the project with its extras.
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[study,dev]"
+	touch $@
+
+data: setup  ## Make the data available: verify it, install Debian's package when root, else say what to do.
+	@$(BIN)/fmnist data --offline 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's dataset-fashion-mnist ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  fi; \
+	  $(BIN)/fmnist data; }
+
+study: setup data  ## Run every stage with the full params and render the report (about 20 minutes on 2 cores).
+	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT)
+
+smoke: setup data  ## The whole chain with the tiny profile, into build/smoke (about 2 minutes).
+	$(BIN)/fmnist run --params params/smoke --out build/smoke
+
+report: setup  ## Re-render the report of an existing run in $(OUT).
+	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT) --stage report
+
+lint: setup
+	$(BIN)/ruff check src tests notebooks
+
+test: setup data lint  ## Unit tests, the end-to-end smoke run, and nbval over the notebooks.
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
+
+lab: setup data  ## Open the notebooks in JupyterLab, with this environment as the python3 kernel.
+	$(BIN)/jupyter lab notebooks
+
+kernel: setup  ## Register this environment as the "Python (fmnist)" kernel for a JupyterLab outside it.
+	$(BIN)/python -m ipykernel install --user --name fmnist --display-name "Python (fmnist)"
+
+clean:
+	rm -rf build $(VENV)

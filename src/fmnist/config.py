@@ -1,0 +1,117 @@
+"""Project paths and constants, resolved once from the project root.
+
+Every other module asks this one where things live, so a notebook opened in
+JupyterLab (cwd ``notebooks/``), a papermill run (cwd of the caller) and the
+tests all agree on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _find_project_root() -> Path:
+    """Return the checkout that holds ``pyproject.toml`` (or the cwd when installed elsewhere)."""
+    override = os.environ.get("FMNIST_PROJECT_ROOT")
+    if override:
+        return Path(override).resolve()
+    for candidate in [PACKAGE_DIR, *PACKAGE_DIR.parents]:
+        if (candidate / "pyproject.toml").is_file() and (candidate / "notebooks").is_dir():
+            return candidate
+    return Path.cwd().resolve()
+
+
+PROJECT_ROOT = _find_project_root()
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+PARAMS_DIR = PROJECT_ROOT / "params"
+REPORTS_DIR = PROJECT_ROOT / "reports"
+# Where a notebook run by hand (JupyterLab "Run All", nbval) writes its artifacts.
+INTERACTIVE_DIR = PROJECT_ROOT / "build" / "interactive"
+
+# The stages of the study, in the order the chain runs them.
+STAGES = ("01_eda", "02_tune", "03_train", "04_evaluate")
+REPORT_NOTEBOOK = "report"
+
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_SIZE = 28
+NUM_CLASSES = len(CLASS_NAMES)
+
+# The seed document's claims, shown beside ours in the report.
+SEED_CLAIMS = {"test_accuracy": 0.90, "test_loss": 0.30}
+# The seed's "best hyperparameters", used when the training stage runs without a tuning result.
+SEED_HYPERPARAMETERS = {"learning_rate": 1e-3, "batch_size": 64, "dropout_rate": 0.5}
+
+
+class ArtifactLayout:
+    """The files the stages of one run pass to each other, below one output directory."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]):
+        self.root = Path(out_dir).resolve()
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def executed_notebooks(self) -> Path:
+        return self.root / "notebooks"
+
+    @property
+    def eda_summary(self) -> Path:
+        return self.root / "eda" / "summary.json"
+
+    @property
+    def tuner_dir(self) -> Path:
+        return self.root / "tuning" / "keras_tuner"
+
+    @property
+    def tuning_trials(self) -> Path:
+        return self.root / "tuning" / "trials.csv"
+
+    @property
+    def best_hyperparameters(self) -> Path:
+        return self.root / "tuning" / "best_hyperparameters.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model" / "model.keras"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "model" / "history.json"
+
+    @property
+    def training_summary(self) -> Path:
+        return self.root / "model" / "training.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def stage_manifest(self, stage: str) -> Path:
+        return self.root / "manifests" / f"{stage}.json"
+
+    def figure(self, name: str) -> Path:
+        return self.figures / f"{name}.png"

@@ -1,0 +1,65 @@
+"""Run manifests: what ran, on what, with which data and code."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+
+from fmnist.config import PROJECT_ROOT
+
+# The packages whose versions decide a result.
+TRACKED_PACKAGES = (
+    "fmnist",
+    "tensorflow",
+    "keras",
+    "keras-tuner",
+    "numpy",
+    "scikit-learn",
+    "papermill",
+    "nbconvert",
+    "matplotlib",
+    "seaborn",
+    "ai-edge-litert",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state() -> dict[str, str | bool | None]:
+    """The commit of the checkout and whether it had uncommitted changes."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment() -> dict[str, object]:
+    """Everything about the machine and software that a rerun should match."""
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "packages": package_versions(),
+        "git": git_state(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

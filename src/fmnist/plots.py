@@ -1,0 +1,172 @@
+"""Every figure of the study. Each function returns a matplotlib Figure; ``save_figure`` stores it."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+from fmnist.config import CLASS_NAMES
+from fmnist.io import atomic_path
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save_figure(figure: plt.Figure, path: os.PathLike[str] | str) -> None:
+    """Save as PNG, atomically."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
+
+
+def class_balance(counts: dict[str, dict[str, int]]) -> plt.Figure:
+    """Bar chart of examples per class, one bar group per split."""
+    import pandas as pd
+
+    frame = (
+        pd.DataFrame(counts)
+        .rename_axis("class")
+        .reset_index()
+        .melt(id_vars="class", var_name="split", value_name="images")
+    )
+    figure, axis = plt.subplots(figsize=(10, 3.5))
+    sns.barplot(frame, x="class", y="images", hue="split", ax=axis)
+    axis.set_title("Images per class")
+    axis.tick_params(axis="x", rotation=30)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), title="split")
+    return figure
+
+
+def image_grid(images: np.ndarray, titles: list[str], columns: int, title: str) -> plt.Figure:
+    """A grid of grey images with a caption under each."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.25, rows * 1.45), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(np.squeeze(images[index]), cmap="gray_r", vmin=0, vmax=1)
+            axis.set_title(titles[index], fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> plt.Figure:
+    """``per_class`` random examples of each class, one row per class."""
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.choice(np.flatnonzero(labels == label), per_class, replace=False) for label in range(len(CLASS_NAMES))
+    ]
+    order = np.concatenate(chosen)
+    titles = [CLASS_NAMES[labels[i]] for i in order]
+    return image_grid(images[order], titles, columns=per_class, title="Random training examples, one row per class")
+
+
+def mean_images(means: np.ndarray) -> plt.Figure:
+    figure, axes = plt.subplots(1, len(CLASS_NAMES), figsize=(15, 2))
+    for axis, image, name in zip(axes, means, CLASS_NAMES, strict=False):
+        axis.imshow(image, cmap="magma", vmin=0, vmax=1)
+        axis.set_title(name, fontsize=9)
+        axis.axis("off")
+    figure.suptitle("Mean image per class (training set)")
+    return figure
+
+
+def intensity_distribution(images: np.ndarray, labels: np.ndarray) -> plt.Figure:
+    """Histogram of non-zero pixel intensities per class, and the share of black pixels."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
+    bins = np.linspace(0, 1, 52)
+    for label, name in enumerate(CLASS_NAMES):
+        pixels = images[labels == label].ravel()
+        left.hist(pixels[pixels > 0], bins=bins, histtype="step", density=True, label=name, linewidth=1.2)
+    left.set_xlabel("pixel intensity (non-zero pixels)")
+    left.set_ylabel("density")
+    left.set_title("Ink intensity per class")
+    left.legend(fontsize=7, ncol=2)
+    black = [float((images[labels == label] == 0).mean()) for label in range(len(CLASS_NAMES))]
+    sns.barplot(x=black, y=list(CLASS_NAMES), ax=right, color="slategray")
+    right.set_xlabel("fraction of pixels that are exactly 0")
+    right.set_title("Background share per class")
+    figure.tight_layout()
+    return figure
+
+
+def tuning_trials(trials) -> plt.Figure:
+    """Validation accuracy of every trial: learning rate by (batch size, dropout), as a heatmap."""
+    table = trials.pivot_table(
+        index="learning_rate", columns=["batch_size", "dropout_rate"], values="val_accuracy", aggfunc="max"
+    ).sort_index(ascending=False)
+    figure, axis = plt.subplots(figsize=(max(6, 1.1 * table.shape[1] + 2), 1.0 * table.shape[0] + 1.8))
+    sns.heatmap(table, annot=True, fmt=".3f", cmap="viridis", cbar_kws={"label": "validation accuracy"}, ax=axis)
+    axis.set_xlabel("batch size - dropout")
+    axis.set_ylabel("learning rate")
+    axis.set_title("Tuning: validation accuracy of each trial")
+    return figure
+
+
+def learning_curves(history: dict[str, list[float]], best_epoch: int | None = None) -> plt.Figure:
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=False):
+        axis.plot(epochs, history[metric], "o-", label=f"training {metric}")
+        axis.plot(epochs, history[f"val_{metric}"], "o-", label=f"validation {metric}")
+        if best_epoch:
+            axis.axvline(best_epoch, color="grey", linestyle="--", label="restored epoch")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric.capitalize())
+        axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix(matrix: np.ndarray) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(8.5, 7))
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        xticklabels=CLASS_NAMES,
+        yticklabels=CLASS_NAMES,
+        cbar=False,
+        ax=axis,
+        annot_kws={"fontsize": 8},
+    )
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.tick_params(axis="x", rotation=45)
+    axis.set_title("Confusion matrix (test set)")
+    return figure
+
+
+def per_class_metrics(per_class: dict[str, dict[str, float]]) -> plt.Figure:
+    import pandas as pd
+
+    frame = (
+        pd.DataFrame(per_class)
+        .T[["precision", "recall", "f1"]]
+        .rename_axis("class")
+        .reset_index()
+        .melt(id_vars="class", var_name="metric")
+    )
+    figure, axis = plt.subplots(figsize=(10, 3.8))
+    sns.barplot(frame, x="class", y="value", hue="metric", ax=axis)
+    axis.set_ylim(max(0.0, frame["value"].min() - 0.1), 1.0)
+    axis.set_title("Per-class precision, recall and F1 (test set)")
+    axis.tick_params(axis="x", rotation=30)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), title=None)
+    return figure
+
+
+def misclassified_gallery(images, true_labels, predicted_labels, confidences, columns: int = 8) -> plt.Figure:
+    titles = [
+        f"{CLASS_NAMES[t]}\n→ {CLASS_NAMES[p]} ({c:.0%})"
+        for t, p, c in zip(true_labels, predicted_labels, confidences, strict=False)
+    ]
+    return image_grid(
+        images,
+        titles,
+        columns=columns,
+        title="Misclassified test images, most confident mistakes first (true → predicted)",
+    )

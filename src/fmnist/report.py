@@ -1,0 +1,210 @@
+"""The HTML report: tables for the report notebook, and its rendering with nbconvert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fmnist.config import REPORT_NOTEBOOK, STAGES, ArtifactLayout
+from fmnist.io import read_json, write_text
+
+# Which stage writes which figure, so a missing one says what to run.
+FIGURE_STAGES = {
+    "class_balance": "01_eda",
+    "sample_grid": "01_eda",
+    "mean_images": "01_eda",
+    "intensity_distribution": "01_eda",
+    "tuning_trials": "02_tune",
+    "learning_curves": "03_train",
+    "confusion_matrix": "04_evaluate",
+    "per_class_metrics": "04_evaluate",
+    "misclassified": "04_evaluate",
+}
+
+
+def load_optional(path: Path) -> Any | None:
+    return read_json(path) if path.is_file() else None
+
+
+def show_figure(layout: ArtifactLayout, name: str):
+    """The stored PNG as an embeddable image, or a note saying which stage makes it."""
+    from IPython.display import Image, Markdown
+
+    path = layout.figure(name)
+    if path.is_file():
+        return Image(filename=str(path))
+    return Markdown(f"*Figure `{name}` is missing: run stage `{FIGURE_STAGES.get(name, '?')}`.*")
+
+
+def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> str:
+    """The report's title and a one-paragraph answer: how good is the model, against the seed."""
+    lines = ["# Fashion-MNIST with the seed's CNN: study report", ""]
+    if metrics:
+        accuracy, loss = metrics["test_accuracy"], metrics["test_loss"]
+        lines.append(
+            f"**Test accuracy {accuracy:.4f}, test loss {loss:.4f}** on the 10,000 test images "
+            f"(the seed document claims 0.90 and 0.30)."
+        )
+    else:
+        lines.append("*No evaluation yet: run stage `04_evaluate`.*")
+    if training:
+        hp = training["hyperparameters"]
+        lines.append(
+            f"The seed's architecture ({training['parameter_count']:,} parameters), Adam with learning rate "
+            f"{hp['learning_rate']:g}, batch size {hp['batch_size']} and dropout {hp['dropout_rate']:g} "
+            f"({training['hyperparameter_source']}), trained for {training['epochs_run']} epochs, "
+            f"weights from epoch {training['best_epoch']}."
+        )
+    stages = manifest.get("stages", {})
+    total = sum(entry.get("runner_wall_time_seconds", 0) for entry in stages.values())
+    git = manifest.get("git", {})
+    if total:
+        lines.append(
+            f"Whole study: {total / 60:.1f} min of wall time on {manifest.get('processor', '?')} "
+            f"(params `{manifest.get('params_profile')}`, commit `{str(git.get('commit'))[:10]}`)."
+        )
+    return "\n".join(lines)
+
+
+def training_block(training: dict | None) -> str:
+    if not training:
+        return "*No training summary: run stage `03_train`.*"
+    hp = training["hyperparameters"]
+    return (
+        f"- Hyperparameters: learning rate **{hp['learning_rate']:g}**, batch size **{hp['batch_size']}**, "
+        f"dropout **{hp['dropout_rate']:g}**, from the {training['hyperparameter_source']}.\n"
+        "- The seed contradicts itself: its tuning picks learning rate 1e-3 / batch 64 while its training section "
+        "says 0.01 / batch 32. This study trains with the tuned values.\n"
+        f"- {training['epochs_run']} epochs run on {training['training_images']:,} images in "
+        f"{training['training_seconds']:.0f} s; early stopping (validation loss) restored epoch "
+        f"**{training['best_epoch']}** (validation accuracy {training['best_val_accuracy']:.4f}, "
+        f"loss {training['best_val_loss']:.4f})."
+    )
+
+
+def trials_table(layout: ArtifactLayout) -> pd.DataFrame:
+    if not layout.tuning_trials.is_file():
+        return pd.DataFrame()
+    return pd.read_csv(layout.tuning_trials).round(4).set_index("trial")
+
+
+def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
+    if not best:
+        return "*No tuning result: run stage `02_tune`; training then used the seed's selected values.*"
+    manifest = load_optional(layout.stage_manifest("02_tune")) or {}
+    p = manifest.get("parameters", {})
+    budget = (
+        f"{p.get('tuner')} search, {manifest.get('trials', '?')} trials of {p.get('tuning_epochs')} epoch(s) on "
+        f"{p.get('train_subset') or 'all'} training images, scored on the {p.get('validation_size')}-image "
+        "validation split (never the test set)"
+    )
+    return (
+        f"Search space of the seed: learning rate {{1e-3, 1e-4, 1e-5}} × batch size {{32, 64, 128}} × "
+        f"dropout {{0.1, 0.3, 0.5}}; {budget}. Best: learning rate **{best['learning_rate']:g}**, batch size "
+        f"**{best['batch_size']}**, dropout **{best['dropout_rate']:g}**."
+    )
+
+
+def data_block(summary: dict | None) -> str:
+    if not summary:
+        return "*No EDA summary: run stage `01_eda`.*"
+    duplicates = summary["duplicates"]
+    return (
+        f"{summary['train_size']:,} training and {summary['test_size']:,} test images, 28×28 grey, ten classes "
+        f"with {min(summary['class_counts']['train'].values()):,}–{max(summary['class_counts']['train'].values()):,} "
+        f"training images each. Pixel mean {summary['pixel_mean']:.3f}, standard deviation "
+        f"{summary['pixel_std']:.3f}. Exact duplicates: {duplicates['duplicate_groups']} groups, "
+        f"{duplicates['groups_spanning_splits']} of them spanning train and test."
+    )
+
+
+def headline_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Test accuracy and loss: the seed's claim, ours, and the difference."""
+    rows = {key: values for key, values in metrics["seed_comparison"].items()}
+    frame = pd.DataFrame(rows).T.rename(columns={"seed": "seed document", "ours": "this study"})
+    frame.index = ["test accuracy", "test loss"]
+    return frame.round(4)
+
+
+def per_class_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    frame = pd.DataFrame(metrics["per_class"]).T
+    frame["support"] = frame["support"].astype(int)
+    return frame.round(4)
+
+
+def stage_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    """Wall time and parameters of each stage that ran."""
+    rows = []
+    for stage in (*STAGES, REPORT_NOTEBOOK):
+        entry = manifest.get("stages", {}).get(stage)
+        if not entry:
+            continue
+        parameters = {k: v for k, v in entry.get("parameters", {}).items() if k != "out_dir"}
+        rows.append(
+            {
+                "stage": stage,
+                "wall time (s)": entry.get("runner_wall_time_seconds", entry.get("wall_time_seconds")),
+                "parameters": ", ".join(f"{k}={v}" for k, v in parameters.items()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame()
+
+
+def checksum_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    for entry in manifest.get("stages", {}).values():
+        if entry.get("data"):
+            data = entry["data"]
+            frame = pd.DataFrame({"SHA-256 of decompressed content": data["checksums"]})
+            frame.index.name = f"file ({data['source']})"
+            return frame
+    return pd.DataFrame()
+
+
+def environment_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    git = manifest.get("git", {})
+    rows = {
+        "git commit": f"{git.get('commit')}{' (with uncommitted changes)' if git.get('dirty') else ''}",
+        "python": manifest.get("python"),
+        "platform": manifest.get("platform"),
+        "params profile": manifest.get("params_profile"),
+        "manifest written": manifest.get("created"),
+        **{f"package {name}": version for name, version in manifest.get("packages", {}).items()},
+    }
+    return pd.DataFrame({"value": rows})
+
+
+def notebook_links(layout: ArtifactLayout) -> str:
+    """Markdown links to each executed stage notebook, as HTML and as .ipynb."""
+    lines = []
+    for stage in STAGES:
+        html = layout.executed_notebooks / f"{stage}.html"
+        ipynb = layout.executed_notebooks / f"{stage}.ipynb"
+        if ipynb.is_file():
+            lines.append(f"- **{stage}**: [HTML](notebooks/{html.name}) · [notebook](notebooks/{ipynb.name})")
+    return "\n".join(lines) or "*No executed stage notebooks found.*"
+
+
+def _export(notebook_file: Path, target: Path, *, hide_code: bool) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(
+        template_name="lab", exclude_input=hide_code, exclude_input_prompt=hide_code, exclude_output_prompt=hide_code
+    )
+    notebook = nbformat.read(notebook_file, as_version=4)
+    body, _ = exporter.from_notebook_node(notebook)
+    return write_text(target, body)
+
+
+def render_report(layout: ArtifactLayout) -> Path:
+    """Render the executed report notebook (code hidden) and each stage notebook (code shown) to HTML."""
+    for stage in STAGES:
+        executed = layout.executed_notebooks / f"{stage}.ipynb"
+        if executed.is_file():
+            _export(executed, executed.with_suffix(".html"), hide_code=False)
+    executed_report = layout.executed_notebooks / f"{REPORT_NOTEBOOK}.ipynb"
+    if not executed_report.is_file():
+        raise FileNotFoundError(f"{executed_report}: the report notebook has not been executed.")
+    return _export(executed_report, layout.report, hide_code=True)

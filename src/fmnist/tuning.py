@@ -1,0 +1,124 @@
+"""Hyperparameter search over the seed's space with keras-tuner, on the validation split."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.runtime import quiet_tensorflow
+
+quiet_tensorflow()
+
+import keras_tuner  # noqa: E402
+
+from fmnist.model import build_model  # noqa: E402
+
+# The seed document's search space.
+SEED_SEARCH_SPACE = {
+    "learning_rate": [1e-3, 1e-4, 1e-5],
+    "batch_size": [32, 64, 128],
+    "dropout_rate": [0.1, 0.3, 0.5],
+}
+TUNERS = ("grid", "random", "hyperband")
+
+
+class SeedHyperModel(keras_tuner.HyperModel):
+    """The seed CNN with learning rate and dropout as model hyperparameters, batch size as a fit one."""
+
+    def __init__(self, search_space: dict[str, list]):
+        super().__init__(name="seed_cnn")
+        self.search_space = search_space
+        self.fit_seconds: dict[str, float] = {}
+
+    def build(self, hp: keras_tuner.HyperParameters):
+        return build_model(
+            dropout_rate=hp.Choice("dropout_rate", self.search_space["dropout_rate"]),
+            learning_rate=hp.Choice("learning_rate", self.search_space["learning_rate"]),
+        )
+
+    def fit(self, hp: keras_tuner.HyperParameters, model, *args, **kwargs):
+        started = time.perf_counter()
+        history = model.fit(*args, batch_size=hp.Choice("batch_size", self.search_space["batch_size"]), **kwargs)
+        self.fit_seconds[_key(hp.values)] = time.perf_counter() - started
+        return history
+
+
+def _key(values: dict) -> str:
+    return ",".join(f"{name}={values[name]}" for name in sorted(values))
+
+
+def make_tuner(
+    tuner: str, directory: Path, search_space: dict[str, list], max_trials: int, epochs: int, seed: int
+) -> keras_tuner.Tuner:
+    """Build the chosen tuner; ``max_trials=0`` means the whole grid."""
+    if tuner not in TUNERS:
+        raise ValueError(f"tuner={tuner!r}: choose one of {', '.join(TUNERS)}.")
+    grid_size = int(np.prod([len(values) for values in search_space.values()]))
+    common = dict(
+        hypermodel=SeedHyperModel(search_space),
+        objective="val_accuracy",
+        seed=seed,
+        directory=str(directory.parent),
+        project_name=directory.name,
+        overwrite=True,
+    )
+    if tuner == "grid":
+        return keras_tuner.GridSearch(max_trials=max_trials or grid_size, **common)
+    if tuner == "random":
+        return keras_tuner.RandomSearch(max_trials=max_trials or grid_size, **common)
+    return keras_tuner.Hyperband(max_epochs=max(epochs, 2), factor=3, **common)
+
+
+def run_search(
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    tuner: str,
+    directory: Path,
+    epochs: int,
+    max_trials: int,
+    seed: int,
+    search_space: dict[str, list] | None = None,
+    verbose: int = 2,
+):
+    """Run the search; return the tuner and a table (pandas) of every trial, best first."""
+    import pandas as pd
+
+    search_space = search_space or SEED_SEARCH_SPACE
+    missing = set(SEED_SEARCH_SPACE) - set(search_space)
+    if missing:
+        raise ValueError(f"search_space lacks {sorted(missing)}; give a list of values for each.")
+    search = make_tuner(tuner, directory, search_space, max_trials, epochs, seed)
+    search.search(x_train, y_train, epochs=epochs, validation_data=(x_val, y_val), verbose=verbose)
+    rows = []
+    for trial in search.oracle.trials.values():
+        if trial.status != "COMPLETED":
+            continue
+        values = {name: trial.hyperparameters.values[name] for name in SEED_SEARCH_SPACE}
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                **values,
+                "val_accuracy": trial.metrics.get_last_value("val_accuracy"),
+                "val_loss": trial.metrics.get_last_value("val_loss"),
+                "fit_seconds": round(search.hypermodel.fit_seconds.get(_key(trial.hyperparameters.values), np.nan), 1),
+            }
+        )
+    if not rows:
+        raise RuntimeError(f"Every tuning trial failed; see the tuner's logs in {directory}.")
+    trials = pd.DataFrame(rows).sort_values(["val_accuracy", "val_loss"], ascending=[False, True])
+    return search, trials.reset_index(drop=True)
+
+
+def best_hyperparameters(trials) -> dict[str, float | int]:
+    """The best trial's values, with plain Python types."""
+    best = trials.iloc[0]
+    return {
+        "learning_rate": float(best["learning_rate"]),
+        "batch_size": int(best["batch_size"]),
+        "dropout_rate": float(best["dropout_rate"]),
+    }
