@@ -7,7 +7,7 @@ OUT ?= reports
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all setup data study smoke report test lint nbval lab kernel clean
+.PHONY: all setup data study smoke report test lint lab kernel serve bench ship-model clean
 
 all: setup data study  ## Set up, then run the full study and render reports/report.html.
 
@@ -43,6 +43,15 @@ lint: setup
 test: setup data lint  ## Unit tests, the end-to-end smoke run, and nbval over the notebooks.
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
+
+serve: setup  ## Serve the classifier page and API on http://127.0.0.1:8000/ (the shipped model).
+	$(BIN)/fmnist serve
+
+bench: setup data  ## Re-measure size, latency and serving of the run in $(OUT) into $(OUT)/deploy/bench.json.
+	$(BIN)/fmnist bench --out $(OUT)
+
+ship-model:  ## Make the int8 model of the run in $(OUT) the default of fmnist classify / serve.
+	cp $(OUT)/deploy/model_int8.tflite src/fmnist/assets/fmnist_int8.tflite
 
 lab: setup data  ## Open the notebooks in JupyterLab, with this environment as the python3 kernel.
 	$(BIN)/jupyter lab notebooks

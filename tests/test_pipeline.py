@@ -27,7 +27,7 @@ def smoke_run(tmp_path_factory):
 
 def test_every_stage_ran_and_was_timed(smoke_run):
     result, layout = smoke_run
-    assert list(result.stage_seconds) == ["01_eda", "02_tune", "03_train", "04_evaluate", "report"]
+    assert list(result.stage_seconds) == ["01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy", "report"]
     for stage in result.stage_seconds:
         assert (layout.executed_notebooks / f"{stage}.ipynb").is_file()
 
@@ -79,16 +79,35 @@ def test_report_is_one_self_contained_page_with_the_results(smoke_run):
         "Confusion matrix",
         "Training",
         "Tuning",
+        "Deployment: size, latency, resources",
+        "speed-up vs predict",
+        "peak RSS (MB)",
         "Run manifest",
         "Executed notebooks",
     ):
         assert heading in html, heading
     assert "Shirt" in html and "c59f468a" in html
-    assert html.count("data:image/png;base64") >= 9
+    assert html.count("data:image/png;base64") >= 10
     assert 'src="figures/' not in html
     assert "begin_stage" not in html  # Code is hidden.
     assert (layout.executed_notebooks / "03_train.html").is_file()
     assert 'href="notebooks/03_train.html"' in html
+
+
+def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smoke_run):
+    _, layout = smoke_run
+    summary = json.loads(layout.deploy_summary.read_text())
+    accuracy = {row["model"]: row for row in summary["accuracy"]}
+    assert abs(accuracy["litert_float32"]["difference_points"]) <= 0.1
+    assert abs(accuracy["litert_int8"]["difference_points"]) <= 0.5
+    bench = json.loads(layout.bench.read_text())
+    assert set(bench["latency"]) == {"keras_predict", "keras_call", "litert_float32", "litert_int8"}
+    assert all(figures["p50_ms"] > 0 for figures in bench["latency"].values())
+    sizes = bench["sizes_bytes"]
+    assert sizes["litert_int8"] < sizes["litert_float32"] < sizes["keras"]
+    serving = bench["serving"]
+    assert serving["load"]["requests"] > 0 and serving["peak_rss_mb"] > 0
+    assert serving["cold_start_to_first_answer_s"] > 0
 
 
 def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_path):

@@ -41,6 +41,81 @@ def _data(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(arguments: argparse.Namespace) -> int:
+    import json
+
+    from fmnist.inference import Classifier, ModelError
+    from fmnist.preprocess import ImageError
+
+    try:
+        classifier = Classifier(arguments.model)
+    except (ModelError, ImportError) as error:
+        print(f"fmnist classify: error: {error}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in arguments.images:
+        try:
+            prediction = classifier.classify(path, top_k=arguments.top_k)
+        except ImageError as error:
+            failures += 1
+            print(f"{path}: error: {error}", file=sys.stderr)
+            continue
+        if arguments.json:
+            print(json.dumps({"file": path, **prediction.as_dict()}))
+        else:
+            ranked = ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.classes)
+            print(f"{path}: {ranked}  ({prediction.inference_ms:.3f} ms)")
+    return 1 if failures else 0
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    from fmnist.inference import ModelError
+    from fmnist.serve import serve
+
+    try:
+        serve(arguments.model, host=arguments.host, port=arguments.port, verbose=arguments.verbose)
+    except (ModelError, ImportError, OSError) as error:
+        print(f"fmnist serve: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fmnist.config import ArtifactLayout
+
+    layout = ArtifactLayout(arguments.out)
+    needed = [layout.model, layout.litert_model("float32"), layout.litert_model("int8")]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        print(
+            f"fmnist bench: error: missing {', '.join(missing)}; run the study first "
+            f"(`fmnist run --out {arguments.out}`, stages 03_train and 05_deploy).",
+            file=sys.stderr,
+        )
+        return 2
+    from fmnist import bench, data
+
+    images = data.load_fashion_mnist().x_test[:512]
+    out = Path(arguments.json) if arguments.json else layout.bench
+    results = bench.run_benchmark(
+        layout.model,
+        {"float32": layout.litert_model("float32"), "int8": layout.litert_model("int8")},
+        images,
+        out=out,
+        seconds=arguments.seconds,
+        clients=arguments.clients,
+        rate_per_client=arguments.rate,
+        serve_model=arguments.serve_model,
+        runs=arguments.runs,
+        keras_runs=max(20, arguments.runs // 10),
+    )
+    print(bench.format_results(results))
+    print(f"fmnist bench: figures written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("data", help="find and verify the four Fashion-MNIST files (checksums included)")
     check.add_argument("--offline", action="store_true", help="do not try the official download")
     check.set_defaults(handler=_data)
+
+    classify = commands.add_parser("classify", help="classify image files with the LiteRT model (no TensorFlow)")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, WebP, BMP or GIF files")
+    classify.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
+    classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    classify.add_argument("--model", help="a .tflite model (default: the one shipped with fmnist)")
+    classify.set_defaults(handler=_classify)
+
+    server = commands.add_parser("serve", help="serve the web page and the JSON API (POST /predict, GET /healthz)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    server.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    server.add_argument("--model", help="a .tflite model (default: the one shipped with fmnist)")
+    server.add_argument("--verbose", action="store_true", help="log every request")
+    server.set_defaults(handler=_serve)
+
+    benchmark = commands.add_parser("bench", help="measure size, latency, throughput and serving; write a JSON")
+    benchmark.add_argument("--out", default=str(REPORTS_DIR), help="the study run to measure (default: %(default)s)")
+    benchmark.add_argument("--json", help="where to write the figures (default: OUT/deploy/bench.json)")
+    benchmark.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: %(default)s)")
+    benchmark.add_argument("--seconds", type=float, default=20.0, help="HTTP load duration (default: %(default)s)")
+    benchmark.add_argument(
+        "--rate", type=float, default=20.0, help="requests per second per client (default: %(default)s)"
+    )
+    benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
+    benchmark.add_argument("--serve-model", choices=("float32", "int8"), default="int8")
+    benchmark.set_defaults(handler=_bench)
     return parser
 
 

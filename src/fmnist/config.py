@@ -32,7 +32,7 @@ REPORTS_DIR = PROJECT_ROOT / "reports"
 INTERACTIVE_DIR = PROJECT_ROOT / "build" / "interactive"
 
 # The stages of the study, in the order the chain runs them.
-STAGES = ("01_eda", "02_tune", "03_train", "04_evaluate")
+STAGES = ("01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy")
 REPORT_NOTEBOOK = "report"
 
 CLASS_NAMES = (
@@ -97,6 +97,18 @@ class ArtifactLayout:
     @property
     def training_summary(self) -> Path:
         return self.root / "model" / "training.json"
+
+    def litert_model(self, kind: str) -> Path:
+        """The exported LiteRT model, ``kind`` being "float32" or "int8"."""
+        return self.root / "deploy" / f"model_{kind}.tflite"
+
+    @property
+    def deploy_summary(self) -> Path:
+        return self.root / "deploy" / "deploy.json"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "deploy" / "bench.json"
 
     @property
     def metrics(self) -> Path:

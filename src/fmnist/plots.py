@@ -159,6 +159,30 @@ def per_class_metrics(per_class: dict[str, dict[str, float]]) -> plt.Figure:
     return figure
 
 
+def deployment(bench: dict) -> plt.Figure:
+    """Single-image latency (log scale) and size on disk of each deployed form of the model."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(bench["latency"])
+    p50 = [bench["latency"][name]["p50_ms"] for name in names]
+    p99 = [bench["latency"][name]["p99_ms"] for name in names]
+    positions = np.arange(len(names))
+    left.barh(positions + 0.2, p50, height=0.4, label="p50", color="#3a6ff7")
+    left.barh(positions - 0.2, p99, height=0.4, label="p99", color="#9aa3b5")
+    left.set_yticks(positions, [name.replace("_", " ") for name in names])
+    left.set_xscale("log")
+    left.set_xlabel("milliseconds per image, one thread (log scale)")
+    left.set_title("Single-image latency")
+    left.legend()
+    sizes = bench["sizes_bytes"]
+    sns.barplot(
+        x=[size / 1024 for size in sizes.values()], y=[n.replace("_", " ") for n in sizes], ax=right, color="slategray"
+    )
+    right.set_xlabel("KB on disk")
+    right.set_title("Model size")
+    figure.tight_layout()
+    return figure
+
+
 def misclassified_gallery(images, true_labels, predicted_labels, confidences, columns: int = 8) -> plt.Figure:
     titles = [
         f"{CLASS_NAMES[t]}\n→ {CLASS_NAMES[p]} ({c:.0%})"

@@ -21,6 +21,7 @@ FIGURE_STAGES = {
     "confusion_matrix": "04_evaluate",
     "per_class_metrics": "04_evaluate",
     "misclassified": "04_evaluate",
+    "deployment": "05_deploy",
 }
 
 
@@ -118,6 +119,63 @@ def data_block(summary: dict | None) -> str:
         f"{summary['pixel_std']:.3f}. Exact duplicates: {duplicates['duplicate_groups']} groups, "
         f"{duplicates['groups_spanning_splits']} of them spanning train and test."
     )
+
+
+def _http_figures(load: dict) -> str:
+    return (
+        f"{load['requests']:,} requests, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
+        f"{load['errors']} errors"
+    )
+
+
+def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-engine size/latency/throughput, and the serving process's figures."""
+    if not bench:
+        empty = pd.DataFrame()
+        return empty, empty
+    rows = []
+    for name, figures in bench["latency"].items():
+        size_key = "keras" if name.startswith("keras") else name
+        rows.append(
+            {
+                "engine": name.replace("_", " "),
+                "size (KB)": bench["sizes_bytes"][size_key] / 1024,
+                "p50 (ms)": figures["p50_ms"],
+                "p99 (ms)": figures["p99_ms"],
+                "speed-up vs predict": bench["speedup_vs_predict"][name],
+                "batch throughput (images/s)": bench["throughput"][name],
+            }
+        )
+    latency = pd.DataFrame(rows).set_index("engine").round({"size (KB)": 1, "p50 (ms)": 4, "p99 (ms)": 4})
+    latency["speed-up vs predict"] = latency["speed-up vs predict"].map("{:,.0f}×".format)
+    latency["batch throughput (images/s)"] = latency["batch throughput (images/s)"].map("{:,.0f}".format)
+    serving = bench["serving"]
+    load, saturation = serving["load"], serving["saturation"]
+    paced_label = f"paced load: {load['clients']} clients × {load['rate_per_client']:g} req/s, {load['seconds']:.0f} s"
+    saturated_label = f"saturated: {saturation['clients']} clients, no pause"
+    serving_rows = {
+        "model served": serving["model"],
+        "request": serving["request_image"],
+        "cold start to first answer (s)": f"{serving['cold_start_to_first_answer_s']:.2f}",
+        "peak RSS (MB)": f"{serving['peak_rss_mb']:.0f}",
+        paced_label: _http_figures(load),
+        saturated_label: f"{saturation['requests_per_second']:,.0f} req/s, " + _http_figures(saturation),
+    }
+    return latency, pd.DataFrame({"value": serving_rows})
+
+
+def deployment_block(layout: ArtifactLayout) -> str:
+    summary = load_optional(layout.deploy_summary)
+    if not summary:
+        return "*No deployment figures: run stage `05_deploy`.*"
+    lines = ["Test accuracy of each deployed form (10,000 images):", ""]
+    for row in summary["accuracy"]:
+        tolerance = f" (allowed ±{row['tolerance_points']} points)" if row["tolerance_points"] else ""
+        lines.append(
+            f"- **{row['model'].replace('_', ' ')}**: {row['test_accuracy']:.4f}, "
+            f"{row['difference_points']:+.2f} points from Keras{tolerance}"
+        )
+    return "\n".join(lines)
 
 
 def headline_table(metrics: dict[str, Any]) -> pd.DataFrame:

@@ -1,0 +1,281 @@
+"""``fmnist bench``: size, latency, throughput and serving figures of the deployed model.
+
+A benchmark that prints figures and writes them to a JSON the report reads; it
+asserts nothing. Keras and LiteRT run with one thread each so the figures
+compare the models, not the thread pools. The serving figures come from a real
+``fmnist serve`` process on loopback driven by a bounded load.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.io import write_json
+
+
+def percentiles(samples_seconds: list[float]) -> dict[str, float]:
+    values = np.asarray(samples_seconds) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "runs": len(values),
+    }
+
+
+def time_calls(function, runs: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def throughput(function, batch: int, seconds: float = 3.0) -> float:
+    """Images per second of ``function`` on one batch, called repeatedly for about ``seconds``."""
+    function()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        function()
+        count += 1
+    return count * batch / (time.perf_counter() - started)
+
+
+def sample_photo(image: np.ndarray, size: int = 224, image_format: str = "JPEG") -> bytes:
+    """A Fashion-MNIST image as the page's camera sends a frame: dark article on white, RGB, 224x224 JPEG."""
+    from PIL import Image
+
+    grey = Image.fromarray((255 - np.squeeze(image) * 255).astype(np.uint8), mode="L").resize((size, size))
+    buffer = io.BytesIO()
+    grey.convert("RGB").save(buffer, format=image_format, quality=85)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post(connection: http.client.HTTPConnection, body: bytes) -> int:
+    connection.request("POST", "/predict", body=body, headers={"Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    response.read()
+    return response.status
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def http_load(port: int, body: bytes, clients: int, seconds: float, rate_per_client: float) -> dict[str, object]:
+    """``clients`` threads, each on its own keep-alive connection, each sending ``rate_per_client`` requests/s."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+    interval = 1.0 / rate_per_client if rate_per_client > 0 else 0.0
+
+    def client(offset: float) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        next_send = time.perf_counter() + offset
+        local, local_errors = [], []
+        while True:
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+            if interval and now < next_send:
+                time.sleep(next_send - now)
+            started = time.perf_counter()
+            try:
+                status = _post(connection, body)
+                if status != 200:
+                    local_errors.append(f"HTTP {status}")
+            except (OSError, http.client.HTTPException) as error:
+                local_errors.append(type(error).__name__)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            local.append(time.perf_counter() - started)
+            next_send += interval
+        connection.close()
+        with lock:
+            latencies.extend(local)
+            errors.extend(local_errors)
+
+    threads = [threading.Thread(target=client, args=(i * interval / clients,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "rate_per_client": rate_per_client,
+        "requests": len(latencies),
+        "requests_per_second": round(len(latencies) / elapsed, 1),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        **percentiles(latencies),
+    }
+
+
+def bench_serving(model_path: Path, body: bytes, clients: int, seconds: float, rate_per_client: float) -> dict:
+    """Start ``fmnist serve`` in its own process; time its cold start; load it; read its peak RSS."""
+    port = free_port()
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--model", str(model_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
+    try:
+        cold_start = None
+        while time.perf_counter() - started < 30:
+            if process.poll() is not None:
+                raise RuntimeError(f"fmnist serve exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                if _post(connection, body) == 200:
+                    cold_start = time.perf_counter() - started
+                    connection.close()
+                    break
+            except OSError:
+                time.sleep(0.02)
+        if cold_start is None:
+            raise RuntimeError("fmnist serve did not answer within 30 s.")
+        paced = http_load(port, body, clients, seconds, rate_per_client)
+        saturated = http_load(port, body, clients, min(seconds, 5.0), 0.0)
+        rss = peak_rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return {
+        "cold_start_to_first_answer_s": round(cold_start, 3),
+        "peak_rss_mb": rss,
+        "load": paced,
+        "saturation": saturated,
+    }
+
+
+def run_benchmark(
+    keras_model_path: Path,
+    litert_models: dict[str, Path],
+    images: np.ndarray,
+    *,
+    out: Path | None,
+    runs: int = 2000,
+    keras_runs: int = 200,
+    batch: int = 256,
+    clients: int = 32,
+    seconds: float = 20.0,
+    rate_per_client: float = 20.0,
+    serve_model: str = "int8",
+) -> dict:
+    """Measure everything in one process (one thread per engine) and write ``out`` as JSON."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        print("bench: TensorFlow already initialised; Keras runs with its default threads", file=sys.stderr)
+    import keras
+
+    from fmnist.inference import Classifier
+
+    def say(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    single = images[:1]
+    many = images[:batch]
+    results: dict = {"sizes_bytes": {"keras": Path(keras_model_path).stat().st_size}, "latency": {}, "throughput": {}}
+    model = keras.models.load_model(keras_model_path)
+    say("Keras model.predict, one image ...")
+    results["latency"]["keras_predict"] = percentiles(time_calls(lambda: model.predict(single, verbose=0), keras_runs))
+    say("Keras direct call, one image ...")
+    results["latency"]["keras_call"] = percentiles(time_calls(lambda: model(single, training=False), keras_runs * 5))
+    results["throughput"]["keras_predict"] = throughput(lambda: model.predict(many, batch_size=batch, verbose=0), batch)
+    results["throughput"]["keras_call"] = throughput(lambda: model(many, training=False), batch)
+    for name, path in litert_models.items():
+        results["sizes_bytes"][f"litert_{name}"] = Path(path).stat().st_size
+        say(f"LiteRT {name}, one image ...")
+        classifier = Classifier(path, num_threads=1)
+        results["latency"][f"litert_{name}"] = percentiles(
+            time_calls(lambda c=classifier: c.probabilities(single), runs)
+        )
+        results["throughput"][f"litert_{name}"] = throughput(lambda c=classifier: c.probabilities(many), batch)
+        classifier.probabilities(single)
+    predict_p50 = results["latency"]["keras_predict"]["p50_ms"]
+    results["speedup_vs_predict"] = {
+        name: predict_p50 / figures["p50_ms"] for name, figures in results["latency"].items()
+    }
+    body = sample_photo(images[0])
+    say(f"serving {serve_model}: cold start, then {clients} clients x {rate_per_client:g}/s for {seconds:g} s ...")
+    results["serving"] = {
+        "model": serve_model,
+        "request_image": f"{len(body):,}-byte 224x224 RGB JPEG (a camera frame)",
+        **bench_serving(litert_models[serve_model], body, clients, seconds, rate_per_client),
+    }
+    results["settings"] = {
+        "runs": runs,
+        "keras_runs": keras_runs,
+        "batch": batch,
+        "threads": 1,
+        "cpu_count": os.cpu_count(),
+    }
+    if out:
+        write_json(out, results)
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = ["model size:"]
+    lines += [f"  {name:<16} {size / 1024:9.1f} KB" for name, size in results["sizes_bytes"].items()]
+    lines.append("single image, one thread (ms):        p50       p99   speed-up vs predict")
+    for name, figures in results["latency"].items():
+        speedup = results["speedup_vs_predict"][name]
+        lines.append(f"  {name:<22} {figures['p50_ms']:12.4f} {figures['p99_ms']:9.4f} {speedup:12.0f}x")
+    lines.append("batch throughput (images/s):")
+    lines += [f"  {name:<22} {value:12,.0f}" for name, value in results["throughput"].items()]
+    serving = results["serving"]
+    load, saturation = serving["load"], serving["saturation"]
+    lines += [
+        f"serving ({serving['model']}): cold start to first answer {serving['cold_start_to_first_answer_s']:.2f} s, "
+        f"peak RSS {serving['peak_rss_mb']:.0f} MB",
+        f"  HTTP under load ({load['clients']} clients x {load['rate_per_client']:g} req/s, {load['seconds']:.0f} s): "
+        f"{load['requests']} requests, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
+        f"errors {load['errors']}",
+        f"  HTTP saturated ({saturation['clients']} clients, no pause): "
+        f"{saturation['requests_per_second']:,.0f} req/s, "
+        f"p50 {saturation['p50_ms']:.2f} ms, errors {saturation['errors']}",
+    ]
+    return "\n".join(lines)
+
+
+def main_json(path: Path) -> None:
+    print(format_results(json.loads(Path(path).read_text())))

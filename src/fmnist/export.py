@@ -1,0 +1,62 @@
+"""Export the trained Keras model to LiteRT: float32 and full-integer int8, builtin ops only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.io import atomic_path
+from fmnist.runtime import quiet_tensorflow
+
+quiet_tensorflow()
+
+import tensorflow as tf  # noqa: E402
+
+
+def _converter(model) -> tf.lite.TFLiteConverter:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    # Builtin ops only: no Flex (SELECT_TF_OPS), so the standalone ai-edge-litert runtime runs the model.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter
+
+
+def to_float32(model) -> bytes:
+    return _converter(model).convert()
+
+
+def to_int8(model, representative_images: np.ndarray) -> bytes:
+    """Full-integer quantisation, calibrated on ``representative_images`` (from the training split)."""
+    if len(representative_images) == 0:
+        raise ValueError("representative_images is empty: give a few hundred training images.")
+
+    def samples() -> Iterator[list[np.ndarray]]:
+        for image in representative_images:
+            yield [image[np.newaxis].astype(np.float32)]
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = samples
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def operators(model_bytes: bytes) -> set[str]:
+    """The operator names a LiteRT model uses (to prove it has no Flex ops)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    return {op["op_name"] for op in interpreter._get_ops_details()}  # noqa: SLF001 - the only public-ish listing.
+
+
+def write_model(model_bytes: bytes, path: Path) -> Path:
+    """Write a .tflite file atomically, refusing one that needs Flex ops."""
+    flex = sorted(name for name in operators(model_bytes) if "Flex" in name or name == "CUSTOM")
+    if flex:
+        raise ValueError(f"{path}: the converted model needs {flex}, which the standalone runtime lacks.")
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(model_bytes)
+    return path

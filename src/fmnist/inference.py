@@ -1,0 +1,117 @@
+"""Classify images with a LiteRT model: the real-time path, without TensorFlow or Keras.
+
+Needs only NumPy, Pillow (through :mod:`fmnist.preprocess`) and ``ai-edge-litert``.
+The model shipped in ``fmnist/assets/`` is the default, so classification works
+right after ``pip install .[serve]``, before anyone runs the study.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmnist.config import CLASS_NAMES, IMAGE_SIZE, PACKAGE_DIR
+from fmnist.preprocess import prepare_image
+
+DEFAULT_MODEL = PACKAGE_DIR / "assets" / "fmnist_int8.tflite"
+
+
+class ModelError(ValueError):
+    """The model file is missing or is not a LiteRT classifier of 28x28 images into 10 classes."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image, best first, and how long the model took."""
+
+    classes: list[tuple[str, float]]
+    inference_ms: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "predictions": [{"class": name, "probability": round(p, 6)} for name, p in self.classes],
+            "inference_ms": round(self.inference_ms, 4),
+        }
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as error:  # pragma: no cover - depends on the installation.
+        raise ImportError("the LiteRT runtime is missing: pip install 'fmnist[serve]' (ai-edge-litert).") from error
+    return Interpreter
+
+
+class Classifier:
+    """A LiteRT interpreter around one model file; thread-safe (one invocation at a time)."""
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, num_threads: int = 1):
+        self.model_path = Path(model_path) if model_path else DEFAULT_MODEL
+        if not self.model_path.is_file():
+            raise ModelError(
+                f"{self.model_path}: model file not found. Give --model PATH to a .tflite file "
+                "(the study's 05_deploy stage writes them to OUT/deploy/)."
+            )
+        try:
+            self.interpreter = _interpreter_class()(model_path=str(self.model_path), num_threads=num_threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as error:
+            raise ModelError(f"{self.model_path}: not a usable LiteRT model ({error}).") from error
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        image_shape, classes = tuple(self._input["shape"][1:3]), self._output["shape"][-1]
+        if image_shape != (IMAGE_SIZE, IMAGE_SIZE) or classes != len(CLASS_NAMES):
+            raise ModelError(
+                f"{self.model_path}: input {self._input['shape']} / output {self._output['shape']} is not "
+                f"a {IMAGE_SIZE}x{IMAGE_SIZE} image -> {len(CLASS_NAMES)} classes model."
+            )
+        self._lock = threading.Lock()
+        self._batch = 1
+
+    @property
+    def quantized(self) -> bool:
+        return self._input["dtype"] != np.float32
+
+    def _quantize(self, images: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return images.astype(np.float32)
+        scale, zero_point = self._input["quantization"]
+        info = np.iinfo(self._input["dtype"])
+        return np.clip(np.round(images / scale + zero_point), info.min, info.max).astype(self._input["dtype"])
+
+    def _dequantize(self, outputs: np.ndarray) -> np.ndarray:
+        if self._output["dtype"] == np.float32:
+            return outputs
+        scale, zero_point = self._output["quantization"]
+        return (outputs.astype(np.float32) - zero_point) * scale
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """float32 images (N, 28, 28) or (N, 28, 28, 1) in [0, 1] -> probabilities (N, 10)."""
+        images = np.asarray(images, dtype=np.float32).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
+        with self._lock:
+            if len(images) != self._batch:
+                self.interpreter.resize_tensor_input(self._input["index"], [len(images), IMAGE_SIZE, IMAGE_SIZE, 1])
+                self.interpreter.allocate_tensors()
+                self._batch = len(images)
+            self.interpreter.set_tensor(self._input["index"], self._quantize(images))
+            self.interpreter.invoke()
+            return self._dequantize(self.interpreter.get_tensor(self._output["index"]))
+
+    def classify_array(self, image: np.ndarray, top_k: int = 3) -> Prediction:
+        """One prepared (28, 28) image -> its top ``top_k`` classes."""
+        if not 1 <= top_k <= len(CLASS_NAMES):
+            raise ValueError(f"top_k={top_k}: must be between 1 and {len(CLASS_NAMES)}.")
+        started = time.perf_counter()
+        probabilities = self.probabilities(image[np.newaxis])[0]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        order = np.argsort(-probabilities)[:top_k]
+        return Prediction([(CLASS_NAMES[i], float(probabilities[i])) for i in order], elapsed_ms)
+
+    def classify(self, source: bytes | str | os.PathLike[str], top_k: int = 3) -> Prediction:
+        """Any image (bytes or path) -> its top classes; bad input raises ``ImageError``."""
+        return self.classify_array(prepare_image(source), top_k=top_k)
