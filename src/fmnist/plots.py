@@ -92,16 +92,31 @@ def intensity_distribution(images: np.ndarray, labels: np.ndarray) -> plt.Figure
     return figure
 
 
-def tuning_trials(trials) -> plt.Figure:
-    """Validation accuracy of every trial: learning rate by (batch size, dropout), as a heatmap."""
+def tuning_trials(trials, metric: str = "val_loss") -> plt.Figure:
+    """The best validation loss (or accuracy) each configuration reached: learning rate by (batch size, dropout).
+
+    Blank cells are configurations the tuner never tried (Hyperband samples the grid).
+    """
+    lower_is_better = metric.endswith("loss")
     table = trials.pivot_table(
-        index="learning_rate", columns=["batch_size", "dropout_rate"], values="val_accuracy", aggfunc="max"
+        index="learning_rate",
+        columns=["batch_size", "dropout_rate"],
+        values=metric,
+        aggfunc="min" if lower_is_better else "max",
     ).sort_index(ascending=False)
     figure, axis = plt.subplots(figsize=(max(6, 1.1 * table.shape[1] + 2), 1.0 * table.shape[0] + 1.8))
-    sns.heatmap(table, annot=True, fmt=".3f", cmap="viridis", cbar_kws={"label": "validation accuracy"}, ax=axis)
+    label = metric.replace("val_", "validation ")
+    sns.heatmap(
+        table,
+        annot=True,
+        fmt=".3f",
+        cmap="viridis_r" if lower_is_better else "viridis",
+        cbar_kws={"label": label},
+        ax=axis,
+    )
     axis.set_xlabel("batch size - dropout")
     axis.set_ylabel("learning rate")
-    axis.set_title("Tuning: validation accuracy of each trial")
+    axis.set_title(f"Tuning: best {label} of each configuration")
     return figure
 
 

@@ -96,10 +96,11 @@ def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
         return "*No tuning result: run stage `02_tune`; training then used the seed's selected values.*"
     manifest = load_optional(layout.stage_manifest("02_tune")) or {}
     p = manifest.get("parameters", {})
+    epochs = f"up to {p.get('tuning_epochs')}" if p.get("tuner") == "hyperband" else f"{p.get('tuning_epochs')}"
     budget = (
-        f"{p.get('tuner')} search, {manifest.get('trials', '?')} trials of {p.get('tuning_epochs')} epoch(s) on "
-        f"{p.get('train_subset') or 'all'} training images, scored on the {p.get('validation_size')}-image "
-        "validation split (never the test set)"
+        f"{p.get('tuner')} search, {manifest.get('trials', '?')} trials of {epochs} epoch(s) on "
+        f"{p.get('train_subset') or 'all'} training images, ranked by {p.get('objective', 'val_loss')} on the "
+        f"{p.get('validation_size')}-image validation split (never the test set)"
     )
     return (
         f"Search space of the seed: learning rate {{1e-3, 1e-4, 1e-5}} × batch size {{32, 64, 128}} × "

@@ -22,6 +22,8 @@ SEED_SEARCH_SPACE = {
     "dropout_rate": [0.1, 0.3, 0.5],
 }
 TUNERS = ("grid", "random", "hyperband")
+# Trials are ranked as early stopping ranks epochs: by validation loss.
+OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
 
 
 class SeedHyperModel(keras_tuner.HyperModel):
@@ -50,15 +52,28 @@ def _key(values: dict) -> str:
 
 
 def make_tuner(
-    tuner: str, directory: Path, search_space: dict[str, list], max_trials: int, epochs: int, seed: int
+    tuner: str,
+    directory: Path,
+    search_space: dict[str, list],
+    max_trials: int,
+    epochs: int,
+    seed: int,
+    objective: str = "val_loss",
 ) -> keras_tuner.Tuner:
-    """Build the chosen tuner; ``max_trials=0`` means the whole grid."""
+    """Build the chosen tuner; ``max_trials=0`` means the whole grid.
+
+    Hyperband gives every configuration a short budget and the best ones up to
+    ``epochs``: successive halving, so the winner is judged after the longer
+    training in which over-fitting (and so dropout) matters.
+    """
     if tuner not in TUNERS:
         raise ValueError(f"tuner={tuner!r}: choose one of {', '.join(TUNERS)}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: choose one of {', '.join(OBJECTIVES)}.")
     grid_size = int(np.prod([len(values) for values in search_space.values()]))
     common = dict(
         hypermodel=SeedHyperModel(search_space),
-        objective="val_accuracy",
+        objective=keras_tuner.Objective(objective, direction=OBJECTIVES[objective]),
         seed=seed,
         directory=str(directory.parent),
         project_name=directory.name,
@@ -68,7 +83,7 @@ def make_tuner(
         return keras_tuner.GridSearch(max_trials=max_trials or grid_size, **common)
     if tuner == "random":
         return keras_tuner.RandomSearch(max_trials=max_trials or grid_size, **common)
-    return keras_tuner.Hyperband(max_epochs=max(epochs, 2), factor=3, **common)
+    return keras_tuner.Hyperband(max_epochs=max(epochs, 2), factor=3, hyperband_iterations=1, **common)
 
 
 def run_search(
@@ -83,6 +98,7 @@ def run_search(
     max_trials: int,
     seed: int,
     search_space: dict[str, list] | None = None,
+    objective: str = "val_loss",
     verbose: int = 2,
 ):
     """Run the search; return the tuner and a table (pandas) of every trial, best first."""
@@ -92,7 +108,7 @@ def run_search(
     missing = set(SEED_SEARCH_SPACE) - set(search_space)
     if missing:
         raise ValueError(f"search_space lacks {sorted(missing)}; give a list of values for each.")
-    search = make_tuner(tuner, directory, search_space, max_trials, epochs, seed)
+    search = make_tuner(tuner, directory, search_space, max_trials, epochs, seed, objective)
     search.search(x_train, y_train, epochs=epochs, validation_data=(x_val, y_val), verbose=verbose)
     rows = []
     for trial in search.oracle.trials.values():
@@ -103,14 +119,16 @@ def run_search(
             {
                 "trial": trial.trial_id,
                 **values,
-                "val_accuracy": trial.metrics.get_last_value("val_accuracy"),
-                "val_loss": trial.metrics.get_last_value("val_loss"),
+                "epochs": int(trial.hyperparameters.values.get("tuner/epochs", epochs)),
+                "val_loss": trial.metrics.get_best_value("val_loss"),
+                "val_accuracy": trial.metrics.get_best_value("val_accuracy"),
                 "fit_seconds": round(search.hypermodel.fit_seconds.get(_key(trial.hyperparameters.values), np.nan), 1),
             }
         )
     if not rows:
         raise RuntimeError(f"Every tuning trial failed; see the tuner's logs in {directory}.")
-    trials = pd.DataFrame(rows).sort_values(["val_accuracy", "val_loss"], ascending=[False, True])
+    ascending = OBJECTIVES[objective] == "min"
+    trials = pd.DataFrame(rows).sort_values([objective, "epochs"], ascending=[ascending, False])
     return search, trials.reset_index(drop=True)
 
 
