@@ -28,7 +28,7 @@ def test_full_profile_runs_the_seed_recipe():
     profile = load_profile(PARAMS_DIR)
     assert profile["03_train"]["epochs"] == 10 and profile["03_train"]["patience"] == 3
     assert profile["03_train"]["train_subset"] == 0
-    assert profile["02_tune"]["max_trials"] == 0 and profile["02_tune"]["tuner"] == "hyperband"
+    assert profile["02_tune"]["max_trials"] == 0 and profile["02_tune"]["tuner"] == "grid"
     assert profile["02_tune"]["objective"] == "val_loss"
 
 
