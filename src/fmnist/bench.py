@@ -192,7 +192,7 @@ def run_benchmark(
     batch: int = 256,
     clients: int = 32,
     seconds: float = 20.0,
-    rate_per_client: float = 20.0,
+    rate_per_client: float = 5.0,
     serve_model: str = "int8",
 ) -> dict:
     """Measure everything in one process (one thread per engine) and write ``out`` as JSON."""

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: %(default)s)")
     benchmark.add_argument("--seconds", type=float, default=20.0, help="HTTP load duration (default: %(default)s)")
     benchmark.add_argument(
-        "--rate", type=float, default=20.0, help="requests per second per client (default: %(default)s)"
+        "--rate", type=float, default=5.0, help="requests per second per client (default: %(default)s)"
     )
     benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
     benchmark.add_argument("--serve-model", choices=("float32", "int8"), default="int8")

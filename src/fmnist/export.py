@@ -12,11 +12,32 @@ from fmnist.runtime import quiet_tensorflow
 
 quiet_tensorflow()
 
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
+
+
+def inference_graph(model: keras.Model) -> keras.Model:
+    """The same layers and weights, rewired for export: Dropout dropped, Flatten as a constant reshape.
+
+    Keras lowers ``Flatten`` on a dynamic batch to SHAPE/STRIDED_SLICE/PACK ops, which split the graph
+    that XNNPACK can delegate; a reshape to ``(-1, features)`` keeps the whole network in one delegate
+    and still accepts any batch size. The outputs are identical.
+    """
+    inputs = keras.Input(shape=model.input_shape[1:], name="image")
+    outputs = inputs
+    for layer in model.layers:
+        if isinstance(layer, layers.Dropout):
+            continue
+        if isinstance(layer, layers.Flatten):
+            outputs = keras.ops.reshape(outputs, (-1, int(np.prod(outputs.shape[1:]))))
+        else:
+            outputs = layer(outputs)
+    return keras.Model(inputs, outputs, name=f"{model.name}_inference")
 
 
 def _converter(model) -> tf.lite.TFLiteConverter:
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(inference_graph(model))
     # Builtin ops only: no Flex (SELECT_TF_OPS), so the standalone ai-edge-litert runtime runs the model.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter
