@@ -81,7 +81,7 @@ def test_report_is_one_self_contained_page_with_the_results(smoke_run):
         "Tuning",
         "Deployment: size, latency, resources",
         "speed-up vs predict",
-        "peak RSS (MB)",
+        "peak RSS",
         "Run manifest",
         "Executed notebooks",
     ):

@@ -77,6 +77,10 @@ def write_run_manifest(layout: ArtifactLayout, params_dir: Path, stage_seconds: 
         if path.is_file():
             stage_manifest = read_json(path)
             stage_manifest.pop("environment", None)
+            # A stage not rerun now keeps the runner's timing from the run that produced it.
+            earlier = stages.get(stage, {})
+            if "runner_wall_time_seconds" in earlier and stage not in stage_seconds:
+                stage_manifest["runner_wall_time_seconds"] = earlier["runner_wall_time_seconds"]
             stages[stage] = stage_manifest
         if stage in stage_seconds:
             stages.setdefault(stage, {})["runner_wall_time_seconds"] = round(stage_seconds[stage], 1)

@@ -59,7 +59,7 @@ def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> 
             f"weights from epoch {training['best_epoch']}."
         )
     stages = manifest.get("stages", {})
-    total = sum(entry.get("runner_wall_time_seconds", 0) for entry in stages.values())
+    total = sum(entry.get("runner_wall_time_seconds", entry.get("wall_time_seconds", 0)) for entry in stages.values())
     git = manifest.get("git", {})
     if total:
         lines.append(
@@ -88,7 +88,9 @@ def training_block(training: dict | None) -> str:
 def trials_table(layout: ArtifactLayout) -> pd.DataFrame:
     if not layout.tuning_trials.is_file():
         return pd.DataFrame()
-    return pd.read_csv(layout.tuning_trials).round(4).set_index("trial")
+    trials = pd.read_csv(layout.tuning_trials).set_index("trial")
+    trials["learning_rate"] = trials["learning_rate"].map("{:g}".format)
+    return trials.round(4)
 
 
 def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
@@ -124,16 +126,15 @@ def data_block(summary: dict | None) -> str:
 
 def _http_figures(load: dict) -> str:
     return (
-        f"{load['requests']:,} requests, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
-        f"{load['errors']} errors"
+        f"{load['requests']:,} requests, round trip p50 **{load['p50_ms']:.2f} ms**, p99 {load['p99_ms']:.2f} ms, "
+        f"**{load['errors']} errors**"
     )
 
 
-def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-engine size/latency/throughput, and the serving process's figures."""
+def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
+    """Per-engine size, latency and throughput as a table; the serving process's figures as Markdown."""
     if not bench:
-        empty = pd.DataFrame()
-        return empty, empty
+        return pd.DataFrame(), "*No benchmark figures: run stage `05_deploy` (or `fmnist bench`).*"
     rows = []
     for name, figures in bench["latency"].items():
         size_key = "keras" if name.startswith("keras") else name
@@ -152,17 +153,18 @@ def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     latency["batch throughput (images/s)"] = latency["batch throughput (images/s)"].map("{:,.0f}".format)
     serving = bench["serving"]
     load, saturation = serving["load"], serving["saturation"]
-    paced_label = f"paced load: {load['clients']} clients × {load['rate_per_client']:g} req/s, {load['seconds']:.0f} s"
-    saturated_label = f"saturated: {saturation['clients']} clients, no pause"
-    serving_rows = {
-        "model served": serving["model"],
-        "request": serving["request_image"],
-        "cold start to first answer (s)": f"{serving['cold_start_to_first_answer_s']:.2f}",
-        "peak RSS (MB)": f"{serving['peak_rss_mb']:.0f}",
-        paced_label: _http_figures(load),
-        saturated_label: f"{saturation['requests_per_second']:,.0f} req/s, " + _http_figures(saturation),
-    }
-    return latency, pd.DataFrame({"value": serving_rows})
+    serving_lines = [
+        f"The serving process (`fmnist serve`, {serving['model']} model), measured on loopback with "
+        f"{serving['request_image']} requests:",
+        "",
+        f"- cold start to first answer: **{serving['cold_start_to_first_answer_s']:.2f} s**; "
+        f"peak RSS: **{serving['peak_rss_mb']:.0f} MB**",
+        f"- paced load, {load['clients']} clients × {load['rate_per_client']:g} requests/s for "
+        f"{load['seconds']:.0f} s: {_http_figures(load)}",
+        f"- saturated, {saturation['clients']} clients without pause: "
+        f"**{saturation['requests_per_second']:,.0f} requests/s**, {_http_figures(saturation)}",
+    ]
+    return latency, "\n".join(serving_lines)
 
 
 def deployment_block(layout: ArtifactLayout) -> str:

@@ -54,7 +54,8 @@ class StageRun:
 
         save_figure(figure, self.layout.figure(name))
 
-    def finish(self) -> Path:
+    def finish(self) -> None:
+        """Write the stage's manifest (parameters, records, wall time, environment)."""
         manifest = {
             "stage": self.name,
             "parameters": self.params,
@@ -62,7 +63,7 @@ class StageRun:
             **self.records,
             "environment": environment(),
         }
-        return write_json(self.layout.stage_manifest(self.name), manifest)
+        write_json(self.layout.stage_manifest(self.name), manifest)
 
 
 def begin_stage(name: str, namespace: dict[str, Any]) -> StageRun:
