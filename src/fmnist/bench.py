@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import os
 import socket
 import subprocess
@@ -280,7 +279,3 @@ def format_results(results: dict) -> str:
         f"p50 {saturation['p50_ms']:.2f} ms, errors {saturation['errors']}",
     ]
     return "\n".join(lines)
-
-
-def main_json(path: Path) -> None:
-    print(format_results(json.loads(Path(path).read_text())))

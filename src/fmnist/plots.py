@@ -73,8 +73,11 @@ def mean_images(means: np.ndarray) -> plt.Figure:
     return figure
 
 
-def intensity_distribution(images: np.ndarray, labels: np.ndarray) -> plt.Figure:
-    """Histogram of non-zero pixel intensities per class, and the share of black pixels."""
+def intensity_distribution(images: np.ndarray, labels: np.ndarray, statistics: dict[str, dict]) -> plt.Figure:
+    """Histogram of non-zero pixel intensities per class, and the share of black pixels.
+
+    ``statistics`` is ``eda.intensity_statistics`` of the same images (its ``black_fraction``).
+    """
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 1]})
     bins = np.linspace(0, 1, 52)
     for label, name in enumerate(CLASS_NAMES):
@@ -84,7 +87,7 @@ def intensity_distribution(images: np.ndarray, labels: np.ndarray) -> plt.Figure
     left.set_ylabel("density")
     left.set_title("Ink intensity per class")
     left.legend(fontsize=7, ncol=2)
-    black = [float((images[labels == label] == 0).mean()) for label in range(len(CLASS_NAMES))]
+    black = [statistics[name]["black_fraction"] for name in CLASS_NAMES]
     sns.barplot(x=black, y=list(CLASS_NAMES), ax=right, color="slategray")
     right.set_xlabel("fraction of pixels that are exactly 0")
     right.set_title("Background share per class")

@@ -84,12 +84,17 @@ def to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
+def border_median(array: np.ndarray) -> float:
+    """The median of the outermost rows and columns: the background's level."""
+    return float(np.median(np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])))
+
+
 def to_model_input(grey: np.ndarray) -> np.ndarray:
     """A grey array in [0, 255] to a Fashion-MNIST-like float32 (28, 28) in [0, 1]."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:
-        grey = 255.0 - grey  # Light background: invert so the article is light on black.
-    background = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+    background = border_median(grey)
+    if background > 127:
+        # Light background: invert so the article is light on black.
+        grey, background = 255.0 - grey, 255.0 - background
     grey = np.clip(grey - background, 0, 255)
     mask = grey > FOREGROUND_THRESHOLD
     if mask.any():
@@ -119,8 +124,7 @@ def prepare_image(source: bytes | str | os.PathLike[str]) -> np.ndarray:
     image = _open(source)
     if image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "L":
         array = np.asarray(image, dtype=np.float32)
-        border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-        if np.median(border) <= 127:
+        if border_median(array) <= 127:
             # Already a Fashion-MNIST image (light on black, 28x28): use it as it is.
             return array / 255.0
     return to_model_input(to_grey(image))

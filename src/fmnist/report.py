@@ -183,8 +183,7 @@ def deployment_block(layout: ArtifactLayout) -> str:
 
 def headline_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """Test accuracy and loss: the seed's claim, ours, and the difference."""
-    rows = {key: values for key, values in metrics["seed_comparison"].items()}
-    frame = pd.DataFrame(rows).T.rename(columns={"seed": "seed document", "ours": "this study"})
+    frame = pd.DataFrame(metrics["seed_comparison"]).T.rename(columns={"seed": "seed document", "ours": "this study"})
     frame.index = ["test accuracy", "test loss"]
     return frame.round(4)
 

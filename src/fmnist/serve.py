@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import functools
 import json
 import sys
 import time
@@ -50,7 +51,9 @@ def extract_image(content_type: str, body: bytes) -> bytes:
     raise RequestError(HTTPStatus.BAD_REQUEST, "multipart body has no field 'file': send the image as field 'file'.")
 
 
+@functools.cache
 def page() -> bytes:
+    """The single-page app, read from the package once."""
     return resources.files("fmnist").joinpath("assets/index.html").read_bytes()
 
 
