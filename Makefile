@@ -7,7 +7,7 @@ OUT ?= reports
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all setup data study smoke report test lint lab kernel serve bench ship-model clean
+.PHONY: all setup data study experiments smoke report test lint lab kernel serve bench ship-model clean
 
 all: setup data study  ## Set up, then run the full study and render reports/report.html.
 
@@ -31,6 +31,9 @@ data: setup  ## Make the data available: verify it, install Debian's package whe
 study: setup data  ## Run every stage with the full params and render the report (about 20 minutes on 2 cores).
 	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT)
 
+experiments: setup data  ## Multi-seed recipes, ablations, calibration (about 2 hours; resumes), then the report.
+	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT) --stage 06_experiments --stage report
+
 smoke: setup data  ## The whole chain with the tiny profile, into build/smoke (about 2 minutes).
 	$(BIN)/fmnist run --params params/smoke --out build/smoke
 
@@ -39,6 +42,7 @@ report: setup  ## Re-render the report of an existing run in $(OUT).
 
 lint: setup
 	$(BIN)/ruff check src tests notebooks
+	$(BIN)/ruff format --check src tests notebooks
 
 test: setup data lint  ## Unit tests, the end-to-end smoke run, and nbval over the notebooks.
 	$(BIN)/python -m pytest tests

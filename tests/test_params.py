@@ -72,3 +72,14 @@ def test_invalid_yaml_and_missing_directory(profile, tmp_path):
         load_profile(profile)
     with pytest.raises(ParamsError, match="params directory not found"):
         load_profile(tmp_path / "nowhere")
+
+
+def test_a_bad_recipe_is_an_error_before_any_stage_runs(profile):
+    (profile / "06_experiments.yaml").write_text("recipes:\n  fast: {architecture: bn_cnn, epoch: 3}\n")
+    with pytest.raises(ParamsError, match=r"06_experiments.yaml: recipe 'fast': unknown field 'epoch'. Did you mean"):
+        load_profile(profile)
+    (profile / "06_experiments.yaml").write_text(
+        "recipes:\n  a: {}\nablation_base: b\nablations:\n  a_x: {epochs: 2}\n"
+    )
+    with pytest.raises(ParamsError, match=r"ablation_base='b' is not one of the recipes"):
+        load_profile(profile)

@@ -114,7 +114,9 @@ def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_pa
     profile = tmp_path / "broken"
     shutil.copytree(PARAMS_DIR / "smoke", profile)
     (profile / "03_train.yaml").write_text("epochs: 0\ntrain_subset: 200\n")
-    with pytest.raises(StageFailed, match=r"stage 03_train failed in cell \d+ .*ValueError: epochs=0") as error:
+    with pytest.raises(
+        StageFailed, match=r"stage 03_train failed in cell \d+ .*ValueError: .*epochs=0 must be positive"
+    ) as error:
         run_chain(profile, tmp_path / "out", stages=("03_train",), log_output=False)
     assert "executed notebook kept" in str(error.value)
     assert (tmp_path / "out" / "notebooks" / "03_train.ipynb").is_file()
@@ -128,3 +130,28 @@ def test_cli_rejects_a_mistyped_key_before_any_compute(tmp_path, capsys):
     assert main(["run", "--params", str(profile), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     assert "unknown parameter 'tunning_epochs'. Did you mean 'tuning_epochs'?" in capsys.readouterr().err
     assert not (tmp_path / "out" / "notebooks").exists()
+
+
+def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tmp_path):
+    """The smoke experiments (two tiny recipes x two seeds, one ablation), then the files a report reads."""
+    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), log_output=False)
+    layout = ArtifactLayout(tmp_path)
+    summary = json.loads(layout.experiments_summary.read_text())
+    rows = {row["recipe"]: row for row in summary["recipes"]}
+    assert set(rows) == {"seed_tuned", "bn_cnn"}
+    assert all(row["seeds"] == 2 for row in rows.values())
+    # One epoch on 1,000 images: above chance, and two seeds give two different results.
+    assert rows["seed_tuned"]["test_accuracy_mean"] > 0.3
+    assert rows["seed_tuned"]["test_accuracy_std"] > 0
+    assert rows["seed_tuned"]["parameters"] == 206_026
+    assert 0 < rows["bn_cnn"]["litert_int8_p50_ms"] < 50 and rows["bn_cnn"]["litert_int8_kb"] > 1
+    assert [row["change"] for row in summary["ablation"]][:2] == ["none (the full recipe)", "TTA removed"]
+    assert summary["comparison"][0]["test_accuracy"] == 0.90
+    assert set(summary["calibration"]) == {"seed_tuned", "bn_cnn"}
+    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 5
+    for figure in ("experiments_accuracy_latency", "experiments_ablation", "experiments_reliability"):
+        assert layout.figure(figure).is_file()
+    # A rerun trains nothing: every run is on disk with the same recipe.
+    before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
+    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), log_output=False)
+    assert before == {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}

@@ -8,7 +8,7 @@ import tomllib
 
 import yaml
 
-from fmnist.config import NOTEBOOKS_DIR, PROJECT_ROOT, REPORT_NOTEBOOK, STAGES
+from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, PROJECT_ROOT
 
 
 def test_environment_yml_installs_this_package_with_the_same_python_and_extras():
@@ -27,7 +27,7 @@ def test_environment_yml_installs_this_package_with_the_same_python_and_extras()
 
 
 def test_notebooks_are_committed_clean_with_the_python3_kernel_and_a_parameters_cell():
-    for stage in (*STAGES, REPORT_NOTEBOOK):
+    for stage in ALL_STAGES:
         notebook = json.loads((NOTEBOOKS_DIR / f"{stage}.ipynb").read_text())
         assert notebook["metadata"]["kernelspec"]["name"] == "python3", stage
         code_cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]

@@ -54,6 +54,26 @@ def throughput(function, batch: int, seconds: float = 3.0) -> float:
     return count * batch / (time.perf_counter() - started)
 
 
+def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000) -> dict[str, dict]:
+    """Single-image LiteRT latency (one thread) and size of each model, plain and with flip TTA (two calls).
+
+    Run it in a process that has not imported TensorFlow: TensorFlow's idle
+    thread pools slow everything measured after them.
+    """
+    from fmnist.inference import Classifier
+
+    single, mirrored = images[:1], images[:1, :, ::-1]
+    figures = {}
+    for path in model_paths:
+        classifier = Classifier(path, num_threads=1)
+        plain = percentiles(time_calls(lambda c=classifier: c.probabilities(single), runs))
+        tta = percentiles(
+            time_calls(lambda c=classifier: (c.probabilities(single), c.probabilities(mirrored)), runs // 2)
+        )
+        figures[Path(path).name] = {"size_bytes": Path(path).stat().st_size, **plain, "tta_p50_ms": tta["p50_ms"]}
+    return figures
+
+
 def sample_photo(image: np.ndarray, size: int = 224, image_format: str = "JPEG") -> bytes:
     """A Fashion-MNIST image as the page's camera sends a frame: dark article on white, RGB, 224x224 JPEG."""
     from PIL import Image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fmnist.config import PARAMS_DIR, REPORT_NOTEBOOK, REPORTS_DIR, STAGES
+from fmnist.config import ALL_STAGES, PARAMS_DIR, REPORTS_DIR
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -116,6 +116,26 @@ def _bench(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _latency(arguments: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fmnist import bench, data
+    from fmnist.inference import ModelError
+    from fmnist.io import write_json
+
+    try:
+        images = data.load_fashion_mnist().x_test[:1]
+        figures = bench.litert_latency([Path(path) for path in arguments.models], images, runs=arguments.runs)
+    except (ModelError, data.DataError) as error:
+        print(f"fmnist latency: error: {error}", file=sys.stderr)
+        return 2
+    if arguments.json:
+        write_json(arguments.json, figures)
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -127,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stage",
         action="append",
-        choices=(*STAGES, REPORT_NOTEBOOK),
-        help="run only this stage (repeatable); default: every stage, then the report",
+        choices=ALL_STAGES,
+        help="run only this stage (repeatable); default: 01_eda to 05_deploy, then the report "
+        "(06_experiments, hours of training, runs only when named)",
     )
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
     run.set_defaults(handler=_run)
@@ -161,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
     benchmark.add_argument("--serve-model", choices=("float32", "int8"), default="int8")
     benchmark.set_defaults(handler=_bench)
+
+    latency = commands.add_parser("latency", help="single-image LiteRT latency and size of .tflite models")
+    latency.add_argument("models", nargs="+", metavar="MODEL", help=".tflite files")
+    latency.add_argument("--runs", type=int, default=1000, help="timed runs per model (default: %(default)s)")
+    latency.add_argument("--json", help="also write the figures to this file")
+    latency.set_defaults(handler=_latency)
     return parser
 
 

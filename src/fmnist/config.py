@@ -33,7 +33,11 @@ INTERACTIVE_DIR = PROJECT_ROOT / "build" / "interactive"
 
 # The stages of the study, in the order the chain runs them.
 STAGES = ("01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy")
+# Stages run only when asked for (`fmnist run --stage 06_experiments`): hours of training, not minutes.
+OPTIONAL_STAGES = ("06_experiments",)
 REPORT_NOTEBOOK = "report"
+# Every notebook a run can execute, in chain order.
+ALL_STAGES = (*STAGES, *OPTIONAL_STAGES, REPORT_NOTEBOOK)
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -52,6 +56,18 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 # The seed document's claims, shown beside ours in the report.
 SEED_CLAIMS = {"test_accuracy": 0.90, "test_loss": 0.30}
+# Published Fashion-MNIST test accuracies the report compares against: the benchmark table of
+# the dataset's authors (https://github.com/zalandoresearch/fashion-mnist#benchmark).
+BENCHMARK_URL = "https://github.com/zalandoresearch/fashion-mnist#benchmark"
+PUBLISHED_ANCHORS = (
+    {"model": "3 Conv+pooling and 2 FC+dropout (Keras)", "parameters": None, "test_accuracy": 0.926},
+    {"model": "CNN with shortcuts and dense-like connectivity", "parameters": None, "test_accuracy": 0.947},
+    {"model": "ResNet18 with augmentation", "parameters": None, "test_accuracy": 0.949},
+    {"model": "MobileNet with horizontal flips", "parameters": None, "test_accuracy": 0.950},
+    {"model": "DenseNet-BC", "parameters": 768_000, "test_accuracy": 0.954},
+    {"model": "WRN-28-10 + random erasing", "parameters": None, "test_accuracy": 0.963},
+    {"model": "WRN40-4", "parameters": 8_900_000, "test_accuracy": 0.967},
+)
 # The seed's "best hyperparameters", used when the training stage runs without a tuning result.
 SEED_HYPERPARAMETERS = {"learning_rate": 1e-3, "batch_size": 64, "dropout_rate": 0.5}
 
@@ -121,6 +137,23 @@ class ArtifactLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def experiments(self) -> Path:
+        """The 06_experiments stage's directory: ``runs/<recipe>/seed<N>.json``, ``models/``, summaries."""
+        return self.root / "experiments"
+
+    @property
+    def experiment_runs(self) -> Path:
+        return self.experiments / "runs"
+
+    @property
+    def experiment_models(self) -> Path:
+        return self.experiments / "models"
+
+    @property
+    def experiments_summary(self) -> Path:
+        return self.experiments / "summary.json"
 
     def stage_manifest(self, stage: str) -> Path:
         return self.root / "manifests" / f"{stage}.json"

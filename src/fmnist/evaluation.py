@@ -62,3 +62,34 @@ def compare_with_seed(metrics: dict[str, object]) -> dict[str, dict[str, float]]
         key: {"seed": claimed, "ours": float(metrics[key]), "difference": float(metrics[key]) - claimed}
         for key, claimed in SEED_CLAIMS.items()
     }
+
+
+def calibration(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict[str, object]:
+    """Expected calibration error of the top-class confidence, and the reliability diagram's bins.
+
+    The confidences are split into ``bins`` equal-width bins; the ECE is the
+    bin-size-weighted mean gap between each bin's accuracy and its mean
+    confidence (Guo et al., 2017).
+    """
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for index in range(bins):
+        members = which == index
+        count = int(members.sum())
+        if count == 0:
+            continue
+        accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+        ece += count / len(y_true) * abs(accuracy - mean_confidence)
+        table.append(
+            {
+                "lower": float(edges[index]),
+                "upper": float(edges[index + 1]),
+                "count": count,
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
+    return {"ece": float(ece), "bins": table}

@@ -20,6 +20,8 @@ from keras import layers  # noqa: E402
 def inference_graph(model: keras.Model) -> keras.Model:
     """The same layers and weights, rewired for export: Dropout dropped, Flatten as a constant reshape.
 
+    The model must be a plain stack of layers (the seed CNN and the bn_cnn family are).
+
     Keras lowers ``Flatten`` on a dynamic batch to SHAPE/STRIDED_SLICE/PACK ops, which split the graph
     that XNNPACK can delegate; a reshape to ``(-1, features)`` keeps the whole network in one delegate
     and still accepts any batch size. The outputs are identical.
@@ -27,7 +29,7 @@ def inference_graph(model: keras.Model) -> keras.Model:
     inputs = keras.Input(shape=model.input_shape[1:], name="image")
     outputs = inputs
     for layer in model.layers:
-        if isinstance(layer, layers.Dropout):
+        if isinstance(layer, layers.InputLayer | layers.Dropout):
             continue
         if isinstance(layer, layers.Flatten):
             outputs = keras.ops.reshape(outputs, (-1, int(np.prod(outputs.shape[1:]))))

@@ -1,8 +1,9 @@
-"""The seed's convolutional network, built with Keras."""
+"""The networks: the seed's CNN (the baseline) and a stronger, still CPU-sized family."""
 
 from __future__ import annotations
 
 from fmnist.config import IMAGE_SIZE, NUM_CLASSES
+from fmnist.recipes import ARCHITECTURES
 from fmnist.runtime import quiet_tensorflow
 
 quiet_tensorflow()
@@ -14,17 +15,17 @@ from keras import layers  # noqa: E402
 SEED_PARAMETER_COUNT = 206_026
 
 
-def build_model(dropout_rate: float = 0.5, learning_rate: float = 1e-3) -> keras.Model:
-    """The seed's CNN: conv32-pool-conv64-pool-conv64-flatten-dense256-dropout-softmax.
-
-    Compiled with Adam and sparse categorical cross-entropy, so it trains on the
-    integer labels the data loader returns.
-    """
+def _check_rates(dropout_rate: float, learning_rate: float | None = None) -> None:
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate={dropout_rate}: must be in [0, 1).")
-    if learning_rate <= 0:
+    if learning_rate is not None and learning_rate <= 0:
         raise ValueError(f"learning_rate={learning_rate}: must be positive.")
-    model = keras.Sequential(
+
+
+def seed_network(dropout_rate: float = 0.5) -> keras.Model:
+    """The seed's CNN, uncompiled: conv32-pool-conv64-pool-conv64-flatten-dense256-dropout-softmax."""
+    _check_rates(dropout_rate)
+    return keras.Sequential(
         [
             keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image"),
             layers.Conv2D(32, (3, 3), activation="relu", name="conv1"),
@@ -39,9 +40,72 @@ def build_model(dropout_rate: float = 0.5, learning_rate: float = 1e-3) -> keras
         ],
         name="seed_cnn",
     )
+
+
+def bn_cnn_network(
+    dropout_rate: float = 0.3, width: int = 32, stages: tuple[int, ...] = (1, 1, 2), batch_norm: bool = True
+) -> keras.Model:
+    """A compact VGG-style CNN sized for a CPU.
+
+    ``len(stages)`` resolutions (28, 14, 7 pixels), each with ``stages[i]`` 3x3
+    "same" convolutions of ``width * 2**i`` filters, every one followed by batch
+    normalisation (when ``batch_norm``) and ReLU; max pooling between the
+    resolutions, then global average pooling, dropout and the softmax. Global
+    pooling instead of the seed's large dense layer keeps the parameter count
+    and the multiply-adds small.
+    """
+    _check_rates(dropout_rate)
+    if width < 1 or not stages or min(stages) < 1:
+        raise ValueError(f"width={width}, stages={stages}: need a positive width and at least one conv per stage.")
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
+    features = inputs
+    for stage, convolutions in enumerate(stages, start=1):
+        filters = width * 2 ** (stage - 1)
+        for index in range(1, convolutions + 1):
+            name = f"stage{stage}_conv{index}"
+            features = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=name)(features)
+            if batch_norm:
+                features = layers.BatchNormalization(name=f"{name}_bn")(features)
+            features = layers.ReLU(name=f"{name}_relu")(features)
+        if stage < len(stages):
+            features = layers.MaxPooling2D(name=f"stage{stage}_pool")(features)
+    features = layers.GlobalAveragePooling2D(name="global_pool")(features)
+    features = layers.Dropout(dropout_rate, name="dropout")(features)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
+    return keras.Model(inputs, outputs, name="bn_cnn")
+
+
+def build_network(architecture: str = "seed", *, dropout_rate: float = 0.5, **options) -> keras.Model:
+    """One of ``ARCHITECTURES``, uncompiled; ``options`` go to the bn_cnn family (width, stages, batch_norm)."""
+    if architecture == "seed":
+        if options:
+            raise ValueError(f"the seed architecture is fixed; it takes no {sorted(options)}.")
+        return seed_network(dropout_rate)
+    if architecture == "bn_cnn":
+        return bn_cnn_network(dropout_rate, **options)
+    raise ValueError(f"architecture={architecture!r}: choose one of {', '.join(ARCHITECTURES)}.")
+
+
+def build_model(dropout_rate: float = 0.5, learning_rate: float = 1e-3) -> keras.Model:
+    """The seed's CNN compiled with Adam and sparse categorical cross-entropy (integer labels)."""
+    _check_rates(dropout_rate, learning_rate)
+    model = seed_network(dropout_rate)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     return model
+
+
+def multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds of one forward pass through the Conv2D and Dense layers (the model's cost)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            kernel_h, kernel_w, channels_in, channels_out = layer.kernel.shape
+            _, height, width, _ = layer.output.shape
+            total += height * width * channels_out * kernel_h * kernel_w * channels_in
+        elif isinstance(layer, layers.Dense):
+            total += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return int(total)

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from fmnist.config import REPORT_NOTEBOOK, STAGES
+from fmnist.config import ALL_STAGES
+from fmnist.recipes import check_stage_params
 from fmnist.stage import declared_parameters
 
 COMMON_FILE = "common.yaml"
@@ -58,12 +59,12 @@ def _unknown_key_error(path: Path, key: str, known: list[str]) -> ParamsError:
     return ParamsError(f"{path}: unknown parameter {key!r}.{hint} The notebook declares: {', '.join(sorted(known))}.")
 
 
-def load_profile(params_dir: str | Path, stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, Any]]:
+def load_profile(params_dir: str | Path, stages: tuple[str, ...] = ALL_STAGES) -> dict[str, dict[str, Any]]:
     """Read and validate a whole profile; return the parameters to inject into each stage."""
     params_dir = Path(params_dir)
     if not params_dir.is_dir():
         raise ParamsError(f"{params_dir}: params directory not found. Use params/ or params/smoke/.")
-    all_stages = (*STAGES, REPORT_NOTEBOOK)
+    all_stages = ALL_STAGES
     expected_files = {COMMON_FILE} | {f"{stage}.yaml" for stage in all_stages}
     for path in sorted(params_dir.glob("*.y*ml")):
         if path.name not in expected_files:
@@ -89,6 +90,11 @@ def load_profile(params_dir: str | Path, stages: tuple[str, ...] = STAGES) -> di
             if key not in known:
                 raise _unknown_key_error(path, key, known)
             _check_value(path, key, value, declared[stage][key])
+        if stage == "06_experiments":
+            try:
+                check_stage_params(path, values)
+            except ValueError as error:
+                raise ParamsError(str(error)) from error
         shared = {key: value for key, value in common.items() if key in declared[stage]}
         profile[stage] = {**shared, **values}
     return profile

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist.config import NOTEBOOKS_DIR, REPORT_NOTEBOOK, STAGES, ArtifactLayout
+from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, REPORT_NOTEBOOK, STAGES, ArtifactLayout
 from fmnist.io import read_json, write_json
 from fmnist.manifest import environment
 from fmnist.params import load_profile
@@ -72,7 +72,7 @@ def write_run_manifest(layout: ArtifactLayout, params_dir: Path, stage_seconds: 
     """Merge the stages' own manifests with the runner's timings into ``manifest.json``."""
     previous = read_json(layout.manifest) if layout.manifest.is_file() else {}
     stages = dict(previous.get("stages", {}))
-    for stage in (*STAGES, REPORT_NOTEBOOK):
+    for stage in ALL_STAGES:
         path = layout.stage_manifest(stage)
         if path.is_file():
             stage_manifest = read_json(path)
@@ -99,12 +99,12 @@ def run_chain(
     if log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     chosen = tuple(stages) if stages else (*STAGES, REPORT_NOTEBOOK)
-    unknown = [stage for stage in chosen if stage not in (*STAGES, REPORT_NOTEBOOK)]
+    unknown = [stage for stage in chosen if stage not in ALL_STAGES]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}; stages are: {', '.join((*STAGES, REPORT_NOTEBOOK))}.")
+        raise ValueError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(ALL_STAGES)}.")
     params_dir = Path(params_dir)
     # Every params file is checked before any stage starts computing.
-    profile = load_profile(params_dir, stages=(*STAGES, REPORT_NOTEBOOK))
+    profile = load_profile(params_dir)
     layout = ArtifactLayout(out_dir)
     result = ChainResult(out_dir=layout.root)
     for position, stage in enumerate(chosen, start=1):

@@ -212,3 +212,59 @@ def misclassified_gallery(images, true_labels, predicted_labels, confidences, co
         columns=columns,
         title="Misclassified test images, most confident mistakes first (true → predicted)",
     )
+
+
+def reliability(curves: dict[str, dict]) -> plt.Figure:
+    """Reliability diagram: accuracy against confidence per bin, one line per model (diagonal = calibrated)."""
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfectly calibrated")
+    for name, calibration in curves.items():
+        bins = calibration["bins"]
+        axis.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            label=f"{name} (ECE {calibration['ece']:.3f})",
+        )
+    axis.set_xlabel("confidence of the top class")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1.01)
+    axis.set_ylim(0, 1.01)
+    axis.set_title("Reliability on the test set")
+    axis.legend(loc="upper left", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def accuracy_vs_latency(rows: list[dict]) -> plt.Figure:
+    """Mean test accuracy (± one standard deviation over seeds) against LiteRT int8 single-image latency."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        latency = row.get("litert_int8_p50_ms")
+        if latency is None:
+            continue
+        mean, std = row["test_accuracy_mean"], row["test_accuracy_std"]
+        axis.errorbar(latency, mean, yerr=std, marker="o", capsize=4, label=row["recipe"])
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.xaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.set_xlabel("LiteRT int8 latency per image, p50, one thread (ms, log scale)")
+    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    axis.set_title("Accuracy against latency")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def ablation(rows: list[dict]) -> plt.Figure:
+    """Change in test accuracy, in points, when one ingredient of the full recipe is changed."""
+    changed = rows[1:]
+    figure, axis = plt.subplots(figsize=(7, 0.5 + 0.5 * len(changed)))
+    values = [100 * row["accuracy_change"] for row in changed]
+    labels = [row["change"] if row["model"] == rows[0]["model"] else row["model"] for row in changed]
+    axis.barh(labels, values, color=["#c0392b" if v < 0 else "#27ae60" for v in values])
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel(f"test accuracy change vs {rows[0]['model']} (points)")
+    axis.set_title("Ablation: what each ingredient adds")
+    figure.tight_layout()
+    return figure

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from fmnist.config import REPORT_NOTEBOOK, STAGES, ArtifactLayout
+from fmnist.config import ALL_STAGES, BENCHMARK_URL, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
 from fmnist.io import read_json, write_text
 
 # Which stage writes which figure, so a missing one says what to run.
@@ -22,6 +22,9 @@ FIGURE_STAGES = {
     "per_class_metrics": "04_evaluate",
     "misclassified": "04_evaluate",
     "deployment": "05_deploy",
+    "experiments_accuracy_latency": "06_experiments",
+    "experiments_ablation": "06_experiments",
+    "experiments_reliability": "06_experiments",
 }
 
 
@@ -181,6 +184,54 @@ def deployment_block(layout: ArtifactLayout) -> str:
     return "\n".join(lines)
 
 
+def experiments_block(summary: dict | None) -> str:
+    """What the experiments compared and their headline, in words."""
+    if not summary:
+        return (
+            "*No experiments yet: run `fmnist run --stage 06_experiments --stage report` "
+            "(about 2 hours with `params/06_experiments.yaml`).*"
+        )
+    rows = {row["recipe"]: row for row in summary["recipes"]}
+    lines = [
+        "Each recipe was trained with several seeds and evaluated once on the test set; "
+        "tables give the mean ± standard deviation over the seeds. "
+        "Hyperparameters and early stopping used only the validation split. "
+        f"Published figures are from the [Fashion-MNIST benchmark table]({BENCHMARK_URL}).",
+        "",
+    ]
+    for role in ("baseline", "strong"):
+        row = rows.get(summary[role])
+        if row:
+            label = "Our baseline" if role == "baseline" else "Our stronger model"
+            lines.append(
+                f"- **{label}, {row['recipe']}**: test accuracy {row['test_accuracy_mean']:.4f} ± "
+                f"{row['test_accuracy_std']:.4f}, loss {row['test_loss_mean']:.4f} ± {row['test_loss_std']:.4f} "
+                f"({row['seeds']} seeds, {row['parameters']:,} parameters, "
+                f"{row['train_seconds_mean'] / 60:.1f} min of training per seed)."
+            )
+    settled = summary.get("contradiction")
+    if settled:
+        better = settled["tuned"] if settled["accuracy_difference"] > 0 else settled["stated"]
+
+        def figures(which: str) -> str:
+            accuracy, std, loss = (settled[f"{which}_{key}"] for key in ("accuracy", "accuracy_std", "loss"))
+            return f"{accuracy:.4f} ± {std:.4f} (loss {loss:.4f})"
+
+        lines.append(
+            f"- **The seed's contradiction, measured:** its stated training recipe ({settled['stated']}) reaches "
+            f"{figures('stated')}, the tuned one ({settled['tuned']}) {figures('tuned')}: **{better}** is better by "
+            f"{abs(settled['accuracy_difference']) * 100:.2f} points."
+        )
+    if summary.get("missing_runs"):
+        lines.append(
+            f"- **Incomplete:** {len(summary['missing_runs'])} planned runs are not trained yet "
+            f"({', '.join(summary['missing_runs'])}); rerun the stage to add them."
+        )
+    if summary.get("train_subset"):
+        lines.append(f"- Trained on a {summary['train_subset']:,}-image subset: a smoke run, not the reference.")
+    return "\n".join(lines)
+
+
 def headline_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """Test accuracy and loss: the seed's claim, ours, and the difference."""
     frame = pd.DataFrame(metrics["seed_comparison"]).T.rename(columns={"seed": "seed document", "ours": "this study"})
@@ -197,7 +248,7 @@ def per_class_table(metrics: dict[str, Any]) -> pd.DataFrame:
 def stage_table(manifest: dict[str, Any]) -> pd.DataFrame:
     """Wall time and parameters of each stage that ran."""
     rows = []
-    for stage in (*STAGES, REPORT_NOTEBOOK):
+    for stage in ALL_STAGES:
         entry = manifest.get("stages", {}).get(stage)
         if not entry:
             continue
@@ -238,7 +289,7 @@ def environment_table(manifest: dict[str, Any]) -> pd.DataFrame:
 def notebook_links(layout: ArtifactLayout) -> str:
     """Markdown links to each executed stage notebook, as HTML and as .ipynb."""
     lines = []
-    for stage in STAGES:
+    for stage in (*STAGES, *OPTIONAL_STAGES):
         html = layout.executed_notebooks / f"{stage}.html"
         ipynb = layout.executed_notebooks / f"{stage}.ipynb"
         if ipynb.is_file():
@@ -260,7 +311,7 @@ def _export(notebook_file: Path, target: Path, *, hide_code: bool) -> Path:
 
 def render_report(layout: ArtifactLayout) -> Path:
     """Render the executed report notebook (code hidden) and each stage notebook (code shown) to HTML."""
-    for stage in STAGES:
+    for stage in (*STAGES, *OPTIONAL_STAGES):
         executed = layout.executed_notebooks / f"{stage}.ipynb"
         if executed.is_file():
             _export(executed, executed.with_suffix(".html"), hide_code=False)

@@ -1,19 +1,25 @@
-"""Train the seed CNN with early stopping and save it atomically."""
+"""Train a recipe (the study's model is the seed CNN's), with early stopping on validation; save atomically."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from fmnist.config import SEED_HYPERPARAMETERS
+import numpy as np
+
+from fmnist.config import NUM_CLASSES, SEED_HYPERPARAMETERS
 from fmnist.io import atomic_path, read_json
-from fmnist.runtime import quiet_tensorflow
+from fmnist.recipes import Recipe
+from fmnist.runtime import quiet_tensorflow, set_seed
 
 quiet_tensorflow()
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
 
-from fmnist.model import build_model  # noqa: E402
+from fmnist.model import build_network  # noqa: E402
 
 
 def choose_hyperparameters(best_hyperparameters_file: Path) -> tuple[dict[str, float | int], str]:
@@ -45,6 +51,79 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._started
 
 
+def augmenter(recipe: Recipe, seed: int) -> keras.Sequential | None:
+    """The recipe's training-time augmentation as Keras preprocessing layers (None when it has none)."""
+    steps = []
+    if recipe.horizontal_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed))
+    if recipe.shift_pixels:
+        factor = recipe.shift_pixels / 28
+        steps.append(layers.RandomTranslation(factor, factor, fill_mode="constant", fill_value=0.0, seed=seed + 1))
+    if recipe.erasing:
+        steps.append(layers.RandomErasing(factor=recipe.erasing, value_range=(0, 1), fill_value=0.0, seed=seed + 2))
+    return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> tf.data.Dataset:
+    """Shuffled, batched, augmented (if the recipe says so) one-hot training data."""
+    targets = np.eye(NUM_CLASSES, dtype=np.float32)[y]
+    dataset = tf.data.Dataset.from_tensor_slices((x, targets))
+    dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(recipe.batch_size)
+    augment = augmenter(recipe, seed)
+    if augment is not None:
+        dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
+    """The recipe's network with Adam, its learning-rate schedule and its loss."""
+    model = build_network(recipe.architecture, dropout_rate=recipe.dropout_rate, **recipe.network_options())
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = recipe.learning_rate
+    if recipe.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, recipe.epochs * steps_per_epoch)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@dataclass
+class Fitted:
+    model: keras.Model
+    history: dict[str, list[float]]
+    best_epoch: int
+    train_seconds: float
+
+
+def fit(recipe: Recipe, x_train, y_train, x_val, y_val, *, seed: int, verbose: int = 2) -> Fitted:
+    """Train one recipe; validation data drives early stopping (when ``patience`` > 0) and nothing else."""
+    set_seed(seed)
+    steps_per_epoch = int(np.ceil(len(y_train) / recipe.batch_size))
+    model = compiled_network(recipe, steps_per_epoch)
+    callbacks: list[keras.callbacks.Callback] = [EpochTimer()]
+    if recipe.patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.patience, restore_best_weights=True)
+        )
+    validation = (x_val, np.eye(NUM_CLASSES, dtype=np.float32)[y_val])
+    started = time.perf_counter()
+    history = model.fit(
+        training_dataset(x_train, y_train, recipe, seed),
+        epochs=recipe.epochs,
+        validation_data=validation,
+        callbacks=callbacks,
+        shuffle=False,  # The dataset shuffles itself, with the run's seed.
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - started
+    values = {name: [float(v) for v in series] for name, series in history.history.items()}
+    epochs_run = len(values["val_loss"])
+    best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
+    return Fitted(model, values, best_epoch, seconds)
+
+
 def train(
     x_train,
     y_train,
@@ -56,30 +135,27 @@ def train(
     dropout_rate: float,
     epochs: int,
     patience: int,
+    seed: int,
     verbose: int = 2,
+    **recipe_fields,
 ) -> tuple[keras.Model, dict[str, list[float]], int]:
-    """Fit with early stopping on validation loss, restoring the best weights.
+    """Fit the seed CNN with early stopping on validation loss, restoring the best weights.
 
-    Returns the model, its per-epoch history and the (1-based) epoch whose weights it holds.
+    ``recipe_fields`` (schedule, horizontal_flip, ...) change how it trains; see
+    ``fmnist.recipes.Recipe``. Returns the model, its per-epoch history and the
+    (1-based) epoch whose weights it holds.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs}: train for at least one epoch.")
-    model = build_model(dropout_rate=dropout_rate, learning_rate=learning_rate)
-    early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True, start_from_epoch=0
-    )
-    history = model.fit(
-        x_train,
-        y_train,
+    recipe = Recipe(
+        name="03_train",
+        learning_rate=learning_rate,
         batch_size=batch_size,
+        dropout_rate=dropout_rate,
         epochs=epochs,
-        validation_data=(x_val, y_val),
-        callbacks=[EpochTimer(), early_stopping],
-        verbose=verbose,
+        patience=patience,
+        **recipe_fields,
     )
-    values = {name: [float(v) for v in series] for name, series in history.history.items()}
-    best_epoch = int(min(range(len(values["val_loss"])), key=values["val_loss"].__getitem__)) + 1
-    return model, values, best_epoch
+    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
+    return fitted.model, fitted.history, fitted.best_epoch
 
 
 def save_model(model: keras.Model, path: Path) -> Path:

@@ -140,3 +140,101 @@ def best_hyperparameters(trials) -> dict[str, float | int]:
         "batch_size": int(best["batch_size"]),
         "dropout_rate": float(best["dropout_rate"]),
     }
+
+
+# The recipe fields a recipe search may tune: they change training, not the network's cost.
+RECIPE_SEARCH_FIELDS = ("learning_rate", "dropout_rate", "label_smoothing", "erasing", "shift_pixels")
+
+
+class RecipeHyperModel(keras_tuner.HyperModel):
+    """A training recipe whose fields in ``search_space`` keras-tuner chooses."""
+
+    def __init__(self, recipe, search_space: dict[str, list], steps_per_epoch: int):
+        super().__init__(name=f"{recipe.name}_search")
+        self.recipe, self.search_space, self.steps_per_epoch = recipe, search_space, steps_per_epoch
+        self.fit_seconds: dict[str, float] = {}
+
+    def chosen(self, hp: keras_tuner.HyperParameters):
+        import dataclasses
+
+        values = {name: hp.Choice(name, choices) for name, choices in self.search_space.items()}
+        return dataclasses.replace(self.recipe, **values)
+
+    def build(self, hp: keras_tuner.HyperParameters):
+        from fmnist.training import compiled_network
+
+        return compiled_network(self.chosen(hp), self.steps_per_epoch)
+
+    def fit(self, hp: keras_tuner.HyperParameters, model, x_train, y_train, seed: int, **kwargs):
+        from fmnist.training import training_dataset
+
+        started = time.perf_counter()
+        dataset = training_dataset(x_train, y_train, self.chosen(hp), seed)
+        history = model.fit(dataset, shuffle=False, **kwargs)
+        self.fit_seconds[_key(hp.values)] = time.perf_counter() - started
+        return history
+
+
+def search_recipe(
+    recipe,
+    search_space: dict[str, list],
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    max_epochs: int,
+    directory: Path,
+    seed: int,
+    verbose: int = 2,
+):
+    """Hyperband over some of a recipe's fields, ranked by validation accuracy.
+
+    Accuracy, not loss: a search over label smoothing would otherwise compare
+    losses computed with different smoothing. The recipe's schedule runs over
+    ``max_epochs``, the longest any trial trains. Returns keras-tuner's best
+    values and a table (pandas) of every trial, best first.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    unknown = set(search_space) - set(RECIPE_SEARCH_FIELDS)
+    if unknown or not search_space:
+        raise ValueError(
+            f"search space {sorted(search_space)}: give lists of values for some of {', '.join(RECIPE_SEARCH_FIELDS)}."
+        )
+    recipe = dataclasses.replace(recipe, epochs=max_epochs)
+    hypermodel = RecipeHyperModel(recipe, search_space, int(np.ceil(len(y_train) / recipe.batch_size)))
+    search = keras_tuner.Hyperband(
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective("val_accuracy", direction="max"),
+        max_epochs=max_epochs,
+        factor=3,
+        hyperband_iterations=1,
+        seed=seed,
+        directory=str(directory.parent),
+        project_name=directory.name,
+        overwrite=True,
+    )
+    targets = np.eye(10, dtype=np.float32)[y_val]
+    search.search(x_train, y_train, seed=seed, validation_data=(x_val, targets), verbose=verbose)
+    rows = []
+    for trial in search.oracle.trials.values():
+        if trial.status != "COMPLETED":
+            continue
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                **{name: trial.hyperparameters.values[name] for name in search_space},
+                "epochs": int(trial.hyperparameters.values.get("tuner/epochs", max_epochs)),
+                "val_accuracy": trial.metrics.get_best_value("val_accuracy"),
+                "fit_seconds": round(hypermodel.fit_seconds.get(_key(trial.hyperparameters.values), np.nan), 1),
+            }
+        )
+    if not rows:
+        raise RuntimeError(f"Every search trial failed; see the tuner's logs in {directory}.")
+    trials = pd.DataFrame(rows).sort_values("val_accuracy", ascending=False).reset_index(drop=True)
+    chosen = search.get_best_hyperparameters(1)[0].values
+    best = {name: type(getattr(recipe, name))(chosen[name]) for name in search_space}
+    return best, trials

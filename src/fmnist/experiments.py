@@ -1,0 +1,264 @@
+"""Multi-seed experiments: train recipes, evaluate them once on the test set, export them to LiteRT.
+
+Each (recipe, seed) run writes one JSON file below ``experiments/runs/``; a
+rerun skips the runs whose file exists, so the reference runs can be spread
+over several sessions and an interrupted run loses only the model in training.
+Hyperparameters and early stopping only ever see the validation split: the
+test set is evaluated once, after training, for the tables.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmnist.io import atomic_path, read_json, write_json
+from fmnist.recipes import Recipe
+from fmnist.runtime import quiet_tensorflow, set_seed
+
+quiet_tensorflow()
+
+import keras  # noqa: E402
+
+from fmnist import evaluation  # noqa: E402
+from fmnist.model import multiply_adds  # noqa: E402
+from fmnist.training import fit  # noqa: E402
+
+
+def _say(message: str) -> None:
+    print(f"[experiments] {message}", file=sys.stderr, flush=True)
+
+
+def predict(model: keras.Model, images: np.ndarray, *, tta: bool) -> np.ndarray:
+    """Class probabilities; with ``tta`` the mean of the image's and its mirror image's."""
+    probabilities = model.predict(images, batch_size=1000, verbose=0)
+    if tta:
+        probabilities = (probabilities + model.predict(images[:, :, ::-1, :], batch_size=1000, verbose=0)) / 2
+    return probabilities
+
+
+def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Accuracy, loss and calibration of one set of predictions."""
+    metrics = evaluation.classification_metrics(y_true, probabilities)
+    calibration = evaluation.calibration(y_true, probabilities)
+    return {
+        "accuracy": metrics["test_accuracy"],
+        "loss": metrics["test_loss"],
+        "macro_f1": metrics["macro_f1"],
+        "ece": calibration["ece"],
+        "reliability": calibration["bins"],
+        "per_class_f1": {name: values["f1"] for name, values in metrics["per_class"].items()},
+    }
+
+
+def run_path(runs_dir: Path, recipe: Recipe, seed: int) -> Path:
+    return Path(runs_dir) / recipe.name / f"seed{seed}.json"
+
+
+def run_one(
+    recipe: Recipe,
+    seed: int,
+    *,
+    x_train_full: np.ndarray,
+    y_train_full: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    validation_size: int,
+    train_subset: int,
+    runs_dir: Path,
+    models_dir: Path | None,
+    representative_images: int = 500,
+    verbose: int = 2,
+) -> dict[str, Any]:
+    """Train and evaluate one recipe with one seed; write its result (and, if asked, its LiteRT models)."""
+    from fmnist import data
+
+    x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
+    x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
+    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
+    plain = predict(fitted.model, x_test, tta=False)
+    mirrored = predict(fitted.model, x_test, tta=True)
+    result = {
+        "recipe": recipe.as_dict(),
+        "seed": seed,
+        "parameters": int(fitted.model.count_params()),
+        "multiply_adds": multiply_adds(fitted.model),
+        "train_images": int(len(y_train)),
+        "train_seconds": round(fitted.train_seconds, 1),
+        "epochs_run": len(fitted.history["val_loss"]),
+        "best_epoch": fitted.best_epoch,
+        "validation": {
+            "accuracy": fitted.history["val_accuracy"][fitted.best_epoch - 1],
+            "loss": fitted.history["val_loss"][fitted.best_epoch - 1],
+        },
+        "history": fitted.history,
+        "test": scores(y_test, mirrored if recipe.tta else plain),
+        "test_without_tta": scores(y_test, plain),
+        "test_with_tta": scores(y_test, mirrored),
+    }
+    if models_dir is not None:
+        result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
+    write_json(run_path(runs_dir, recipe, seed), result)
+    return result
+
+
+def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Path, name: str) -> dict[str, str]:
+    """float32 and int8 LiteRT files of a trained model, for the latency and size columns."""
+    from fmnist import export
+
+    files = {
+        "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
+        "int8": export.write_model(export.to_int8(model, representative), Path(models_dir) / f"{name}_int8.tflite"),
+    }
+    with atomic_path(Path(models_dir) / f"{name}.keras") as temporary:
+        model.save(temporary)
+    return {kind: path.name for kind, path in files.items()}
+
+
+def run_all(
+    plan: Iterable[tuple[Recipe, int]],
+    *,
+    runs_dir: Path,
+    models_dir: Path,
+    train_missing: bool = True,
+    force: bool = False,
+    progress: Callable[[str], None] = _say,
+    **data_and_settings: Any,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run every (recipe, seed) of ``plan`` that has no result yet.
+
+    Returns the results in plan order and the runs still missing (those not
+    trained because ``train_missing`` is False). A recipe's first seed also
+    exports its LiteRT models, for latency and size.
+    """
+    plan = list(plan)
+    results, missing = [], []
+    first_seed: dict[str, int] = {}
+    for recipe, seed in plan:
+        first_seed.setdefault(recipe.name, seed)
+    for position, (recipe, seed) in enumerate(plan, start=1):
+        path = run_path(runs_dir, recipe, seed)
+        if path.is_file() and not force:
+            result = read_json(path)
+            if result["recipe"] == recipe.as_dict():
+                progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
+                results.append(result)
+                continue
+            progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: the recipe changed since; retraining")
+        if not train_missing:
+            progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")
+            missing.append(f"{recipe.name} seed {seed}")
+            continue
+        progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
+        started = time.perf_counter()
+        exporting = models_dir if seed == first_seed[recipe.name] else None
+        result = run_one(recipe, seed, runs_dir=runs_dir, models_dir=exporting, **data_and_settings)
+        progress(
+            f"{position}/{len(plan)} {recipe.name} seed {seed}: test accuracy {result['test']['accuracy']:.4f}, "
+            f"loss {result['test']['loss']:.4f} ({time.perf_counter() - started:.0f} s)"
+        )
+        results.append(result)
+    return results, missing
+
+
+def measure_latency(models_dir: Path, out: Path, runs: int = 1000) -> dict[str, dict]:
+    """Time every LiteRT model in ``models_dir`` in a fresh process (no TensorFlow in it)."""
+    import subprocess
+
+    models = sorted(str(path) for path in Path(models_dir).glob("*.tflite"))
+    if not models:
+        return {}
+    command = [sys.executable, "-m", "fmnist", "latency", *models, "--runs", str(runs), "--json", str(out)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return read_json(out)
+
+
+def plan(
+    recipes: dict[str, dict[str, Any]],
+    ablations: dict[str, dict[str, Any]],
+    ablation_base: str,
+    seeds: list[int],
+    ablation_seeds: list[int],
+    *,
+    tuning_result: Path,
+) -> tuple[list[tuple[Recipe, int]], list[Recipe], list[Recipe]]:
+    """The (recipe, seed) runs to do, main recipes first; ``tuned`` recipes get 02_tune's values."""
+    from fmnist.recipes import recipes_from_params
+    from fmnist.training import choose_hyperparameters
+
+    for name, values in (("seeds", seeds), ("ablation_seeds", ablation_seeds)):
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"{name}={values!r}: give a non-empty list of non-negative integer seeds.")
+    main, varied = recipes_from_params(recipes, ablations, ablation_base)
+    if any(recipe.tuned for recipe in [*main, *varied]):
+        tuned_values, source = choose_hyperparameters(tuning_result)
+        _say(f"tuned recipes use {tuned_values} <- {source}")
+        main = [recipe.with_hyperparameters(tuned_values) if recipe.tuned else recipe for recipe in main]
+        varied = [recipe.with_hyperparameters(tuned_values) if recipe.tuned else recipe for recipe in varied]
+    runs = [(recipe, seed) for recipe in main for seed in seeds]
+    runs += [(recipe, seed) for recipe in varied for seed in ablation_seeds]
+    return runs, main, varied
+
+
+def search_hyperparameters(
+    recipe: Recipe,
+    search_space: dict[str, list],
+    *,
+    x_train_full: np.ndarray,
+    y_train_full: np.ndarray,
+    validation_size: int,
+    train_subset: int,
+    max_epochs: int,
+    seed: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Hyperband over ``search_space`` for ``recipe`` on the validation split, or the stored result of the same search.
+
+    Writes ``search.json`` (the request, the best values, the wall time) and
+    ``search_trials.csv`` in ``out_dir``.
+    """
+    from fmnist import data, tuning
+
+    request = {
+        "recipe": recipe.as_dict(),
+        "search_space": search_space,
+        "max_epochs": max_epochs,
+        "train_subset": train_subset,
+        "validation_size": validation_size,
+        "seed": seed,
+    }
+    stored_path = Path(out_dir) / "search.json"
+    if stored_path.is_file():
+        stored = read_json(stored_path)
+        if stored["request"] == request:
+            _say(f"search: the same search ran before ({stored['seconds']:.0f} s); reusing {stored['best']}")
+            return stored
+    set_seed(seed)
+    x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
+    x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
+    _say(
+        f"search: Hyperband over {search_space} for {recipe.name}, up to {max_epochs} epochs on {len(y_train):,} images"
+    )
+    started = time.perf_counter()
+    best, trials = tuning.search_recipe(
+        recipe,
+        search_space,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        max_epochs=max_epochs,
+        directory=Path(out_dir) / "keras_tuner",
+        seed=seed,
+    )
+    seconds = time.perf_counter() - started
+    with atomic_path(Path(out_dir) / "search_trials.csv") as temporary:
+        trials.to_csv(temporary, index=False)
+    result = {"request": request, "best": best, "seconds": round(seconds, 1), "trials": len(trials)}
+    write_json(stored_path, result)
+    return result

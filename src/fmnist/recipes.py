@@ -1,0 +1,150 @@
+"""Training recipes: an architecture plus everything about how it is trained and evaluated.
+
+A recipe is written in a params file as a mapping of the fields below that
+differ from the defaults (the seed's architecture and tuned values, trained as
+in the study). ``Recipe.from_params`` rejects unknown fields and wrong types
+with the fix in the message, before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from fmnist.config import SEED_HYPERPARAMETERS
+
+SCHEDULES = ("constant", "cosine")
+# The network families of fmnist.model.
+ARCHITECTURES = ("seed", "bn_cnn")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model is built, trained and evaluated."""
+
+    name: str
+    architecture: str = "seed"  # "seed" or "bn_cnn" (see fmnist.model).
+    width: int = 32  # bn_cnn: filters of the first stage, doubled per stage.
+    stages: tuple[int, ...] = (1, 1, 2)  # bn_cnn: convolutions per resolution (28, 14, 7 pixels).
+    batch_norm: bool = True  # bn_cnn: batch normalisation after every convolution.
+    learning_rate: float = SEED_HYPERPARAMETERS["learning_rate"]
+    batch_size: int = SEED_HYPERPARAMETERS["batch_size"]
+    dropout_rate: float = SEED_HYPERPARAMETERS["dropout_rate"]
+    epochs: int = 10
+    patience: int = 3  # Early stopping on validation loss, best weights restored; 0 trains every epoch.
+    schedule: str = "constant"  # Learning rate: "constant" or "cosine" (decays to 0 over the epochs).
+    label_smoothing: float = 0.0
+    shift_pixels: int = 0  # Augmentation: random shifts of up to this many pixels each way.
+    horizontal_flip: bool = False  # Augmentation: mirror left-right (never upside down: clothes have an up).
+    erasing: float = 0.0  # Augmentation: probability of erasing a random rectangle (random erasing).
+    tta: bool = False  # Test-time augmentation: average the prediction with its mirror image's.
+    tuned: bool = False  # Take learning_rate, batch_size and dropout_rate from the 02_tune stage's result.
+
+    def __post_init__(self):
+        problems = []
+        if self.architecture not in ARCHITECTURES:
+            problems.append(f"architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        for name in ("learning_rate", "batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.patience < 0:
+            problems.append(f"patience={self.patience} must not be negative")
+        for name in ("dropout_rate", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.erasing <= 1.0:
+            problems.append(f"erasing={self.erasing} must be a probability")
+        if not 0 <= self.shift_pixels < 14:
+            problems.append(f"shift_pixels={self.shift_pixels} must be between 0 and 13")
+        if self.architecture == "seed" and (self.width, tuple(self.stages), self.batch_norm) != (32, (1, 1, 2), True):
+            problems.append("width, stages and batch_norm belong to bn_cnn; the seed architecture is fixed")
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems) + ".")
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.shift_pixels or self.horizontal_flip or self.erasing)
+
+    def network_options(self) -> dict[str, Any]:
+        if self.architecture == "seed":
+            return {}
+        return {"width": self.width, "stages": tuple(self.stages), "batch_norm": self.batch_norm}
+
+    def with_hyperparameters(self, values: dict[str, Any]) -> Recipe:
+        """A copy with ``learning_rate``, ``batch_size`` and ``dropout_rate`` from ``values``."""
+        chosen = {key: values[key] for key in ("learning_rate", "batch_size", "dropout_rate")}
+        return dataclasses.replace(self, **chosen)
+
+    def as_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["stages"] = list(self.stages)
+        return values
+
+    @classmethod
+    def from_params(cls, name: str, values: dict[str, Any], *, base: Recipe | None = None) -> Recipe:
+        """A recipe from a params-file mapping; ``base`` supplies the fields it does not give."""
+        if not isinstance(values, dict):
+            raise ValueError(f"recipe {name!r}: expected a mapping of fields, got {type(values).__name__}.")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+        defaults = base.as_dict() if base else {}
+        for key, value in values.items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"recipe {name!r}: unknown field {key!r}.{hint} Fields: {', '.join(fields)}.")
+            expected = _field_type(cls, key)
+            if not _fits(value, expected):
+                raise ValueError(
+                    f"recipe {name!r}: {key}={value!r} is a {type(value).__name__}; give a {expected.__name__}."
+                )
+        merged = {**{k: v for k, v in defaults.items() if k != "name"}, **values}
+        if "stages" in merged:
+            merged["stages"] = tuple(merged["stages"])
+        return cls(name=name, **merged)
+
+
+def _field_type(cls, key: str) -> type:
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    return type(default)
+
+
+def _fits(value: Any, expected: type) -> bool:
+    if isinstance(value, bool) != (expected is bool):
+        return False
+    if expected is float:
+        return isinstance(value, int | float)
+    if expected is tuple:
+        return isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, expected)
+
+
+def check_stage_params(path, values: dict[str, Any]) -> None:
+    """Validate the recipes a params file gives (called by ``fmnist.params`` before any stage runs)."""
+    if "recipes" not in values:
+        return
+    try:
+        recipes_from_params(values["recipes"], values.get("ablations", {}), values.get("ablation_base", ""))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def recipes_from_params(
+    recipes: dict[str, dict[str, Any]], ablations: dict[str, dict[str, Any]], ablation_base: str
+) -> tuple[list[Recipe], list[Recipe]]:
+    """The main recipes and the ablations (each a change to ``ablation_base``) of a params file."""
+    main = [Recipe.from_params(name, values) for name, values in recipes.items()]
+    by_name = {recipe.name: recipe for recipe in main}
+    if ablations and ablation_base not in by_name:
+        raise ValueError(
+            f"ablation_base={ablation_base!r} is not one of the recipes ({', '.join(by_name)}); "
+            "ablations change one ingredient of a recipe that is also trained in full."
+        )
+    clashes = set(ablations) & set(by_name)
+    if clashes:
+        raise ValueError(f"ablations {sorted(clashes)} reuse recipe names; give each ablation its own name.")
+    varied = [Recipe.from_params(name, values, base=by_name.get(ablation_base)) for name, values in ablations.items()]
+    return main, varied

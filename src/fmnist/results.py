@@ -1,0 +1,215 @@
+"""The experiments' results as tables: means over seeds, the ablation, the comparison, calibration.
+
+Pure Python and pandas (no TensorFlow), so the report can use it; the
+06_experiments stage writes the per-run files these functions read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fmnist.recipes import Recipe
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+    """One row per recipe: mean and standard deviation over its seeds, cost, speed and size."""
+    latency = latency or {}
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_recipe.setdefault(result["recipe"]["name"], []).append(result)
+    rows = []
+    for name, runs in by_recipe.items():
+        accuracy, accuracy_std = _mean_std([run["test"]["accuracy"] for run in runs])
+        loss, loss_std = _mean_std([run["test"]["loss"] for run in runs])
+        ece, _ = _mean_std([run["test"]["ece"] for run in runs])
+        # Both evaluations of the same weights, whatever the recipe reports: the TTA column shows its effect.
+        without_tta, _ = _mean_std([run["test_without_tta"]["accuracy"] for run in runs])
+        with_tta, _ = _mean_std([run["test_with_tta"]["accuracy"] for run in runs])
+        recipe = runs[0]["recipe"]
+        int8 = latency.get(f"{name}_int8.tflite", {})
+        float32 = latency.get(f"{name}_float32.tflite", {})
+        key = "tta_p50_ms" if recipe["tta"] else "p50_ms"
+        rows.append(
+            {
+                "recipe": name,
+                "architecture": recipe["architecture"],
+                "tta": recipe["tta"],
+                "seeds": len(runs),
+                "test_accuracy_mean": accuracy,
+                "test_accuracy_std": accuracy_std,
+                "test_loss_mean": loss,
+                "test_loss_std": loss_std,
+                "ece_mean": ece,
+                "test_accuracy_without_tta_mean": without_tta,
+                "test_accuracy_with_tta_mean": with_tta,
+                "parameters": runs[0]["parameters"],
+                "multiply_adds": runs[0]["multiply_adds"],
+                "epochs_run_mean": float(np.mean([run["epochs_run"] for run in runs])),
+                "train_seconds_mean": float(np.mean([run["train_seconds"] for run in runs])),
+                "litert_float32_p50_ms": float32.get(key),
+                "litert_int8_p50_ms": int8.get(key),
+                "litert_int8_kb": int8["size_bytes"] / 1024 if int8 else None,
+            }
+        )
+    return rows
+
+
+def ablation_rows(results: list[dict[str, Any]], base: str, ablations: list[Recipe]) -> list[dict[str, Any]]:
+    """The base recipe, each ablation (one ingredient changed) and the base with TTA toggled, on shared seeds."""
+    ablated = {recipe.name for recipe in ablations}
+    seeds = {r["seed"] for r in results if r["recipe"]["name"] in ablated}
+    base_runs = [r for r in results if r["recipe"]["name"] == base and r["seed"] in seeds]
+    if not base_runs:
+        return []
+
+    def row(name: str, change: str, runs: list[dict[str, Any]], which: str = "test") -> dict[str, Any]:
+        accuracy, _ = _mean_std([run[which]["accuracy"] for run in runs])
+        loss, _ = _mean_std([run[which]["loss"] for run in runs])
+        return {"model": name, "change": change, "seeds": len(runs), "test_accuracy": accuracy, "test_loss": loss}
+
+    rows = [row(base, "none (the full recipe)", base_runs)]
+    toggled = "test_without_tta" if base_runs[0]["recipe"]["tta"] else "test_with_tta"
+    rows.append(row(base, "TTA removed" if toggled == "test_without_tta" else "TTA added", base_runs, toggled))
+    base_recipe = base_runs[0]["recipe"]
+    for recipe in ablations:
+        runs = [r for r in results if r["recipe"]["name"] == recipe.name]
+        if runs:
+            changed = {k: v for k, v in recipe.as_dict().items() if k != "name" and base_recipe.get(k) != v}
+            rows.append(row(recipe.name, ", ".join(f"{k}={v}" for k, v in changed.items()), runs))
+    for entry in rows:
+        entry["accuracy_change"] = entry["test_accuracy"] - rows[0]["test_accuracy"]
+        entry["loss_change"] = entry["test_loss"] - rows[0]["test_loss"]
+    return rows
+
+
+def recipe_table(recipes: list[Recipe]):
+    """The recipes side by side, one row each."""
+    import pandas as pd
+
+    return pd.DataFrame([recipe.as_dict() for recipe in recipes]).set_index("name")
+
+
+def results_table(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).set_index("recipe")
+
+    def plus_minus(mean: str, std: str) -> list[str]:
+        return [f"{m:.4f} ± {s:.4f}" for m, s in zip(frame[mean], frame[std], strict=True)]
+
+    return pd.DataFrame(
+        {
+            "architecture": frame["architecture"],
+            "seeds": frame["seeds"],
+            "test accuracy": plus_minus("test_accuracy_mean", "test_accuracy_std"),
+            "test loss": plus_minus("test_loss_mean", "test_loss_std"),
+            "TTA": frame["tta"].map({True: "yes", False: "no"}),
+            "accuracy without / with flip TTA": [
+                f"{a:.4f} / {b:.4f}"
+                for a, b in zip(
+                    frame["test_accuracy_without_tta_mean"], frame["test_accuracy_with_tta_mean"], strict=True
+                )
+            ],
+            "ECE": frame["ece_mean"].round(4),
+            "parameters": frame["parameters"].map("{:,}".format),
+            "multiply-adds (M)": (frame["multiply_adds"] / 1e6).round(2),
+            "epochs": frame["epochs_run_mean"].round(1),
+            "training (s)": frame["train_seconds_mean"].round(0),
+            "LiteRT float32 p50 (ms)": frame["litert_float32_p50_ms"].astype(float).round(3),
+            "LiteRT int8 p50 (ms)": frame["litert_int8_p50_ms"].astype(float).round(3),
+            "int8 size (KB)": frame["litert_int8_kb"].astype(float).round(1),
+        }
+    )
+
+
+def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str) -> list[dict[str, Any]]:
+    """The seed's claims, our two named recipes and the published anchors, best last."""
+    from fmnist.config import BENCHMARK_URL, PUBLISHED_ANCHORS, SEED_CLAIMS
+
+    by_name = {row["recipe"]: row for row in rows}
+    table = [
+        {
+            "model": "the seed document's claim",
+            "source": "seed.md",
+            "parameters": 206_026,
+            "test_accuracy": SEED_CLAIMS["test_accuracy"],
+            "test_loss": SEED_CLAIMS["test_loss"],
+        }
+    ]
+    for label, name in (("our baseline", baseline), ("our stronger model", strong)):
+        row = by_name.get(name)
+        if row:
+            table.append(
+                {
+                    "model": f"{label}: {name} (mean of {row['seeds']} seeds)",
+                    "source": "this study",
+                    "parameters": row["parameters"],
+                    "test_accuracy": row["test_accuracy_mean"],
+                    "test_loss": row["test_loss_mean"],
+                }
+            )
+    table += [{**anchor, "source": f"published ({BENCHMARK_URL})", "test_loss": None} for anchor in PUBLISHED_ANCHORS]
+    return table
+
+
+def comparison_table(comparison: list[dict[str, Any]]):
+    """``comparison_rows`` as a table: accuracy and loss to 4 decimals, parameters with separators."""
+    import pandas as pd
+
+    frame = pd.DataFrame(comparison).set_index("model")
+    frame["parameters"] = [f"{v:,.0f}" if isinstance(v, int | float) and v == v else "" for v in frame["parameters"]]
+    frame["test_accuracy"] = frame["test_accuracy"].round(4)
+    frame["test_loss"] = [f"{v:.4f}" if v is not None and v == v else "" for v in frame["test_loss"]]
+    # The long benchmark address is given once, in the text above the table.
+    frame["source"] = [source.split(" (")[0] for source in frame["source"]]
+    return frame[["test_accuracy", "test_loss", "parameters", "source"]]
+
+
+def ablation_table(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    frame["accuracy change (points)"] = (100 * frame.pop("accuracy_change")).round(2)
+    frame["loss change"] = frame.pop("loss_change").round(4)
+    frame[["test_accuracy", "test_loss"]] = frame[["test_accuracy", "test_loss"]].round(4)
+    return frame.set_index(["model", "change"])
+
+
+def reliability_curves(results: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each named recipe's reliability bins and ECE, from its first seed's run."""
+    curves = {}
+    for name in names:
+        run = next((r for r in results if r["recipe"]["name"] == name), None)
+        if run is not None:
+            curves[name] = {"ece": run["test"]["ece"], "bins": run["test"]["reliability"], "seed": run["seed"]}
+    return curves
+
+
+def contradiction(rows: list[dict[str, Any]], *, stated: str, tuned: str) -> dict[str, Any] | None:
+    """The seed's stated training recipe against the tuned one, on the same architecture and seeds."""
+    by_name = {row["recipe"]: row for row in rows}
+    if stated not in by_name or tuned not in by_name:
+        return None
+    a, b = by_name[stated], by_name[tuned]
+    return {
+        "stated": stated,
+        "tuned": tuned,
+        "stated_accuracy": a["test_accuracy_mean"],
+        "stated_accuracy_std": a["test_accuracy_std"],
+        "tuned_accuracy": b["test_accuracy_mean"],
+        "tuned_accuracy_std": b["test_accuracy_std"],
+        "stated_loss": a["test_loss_mean"],
+        "tuned_loss": b["test_loss_mean"],
+        "accuracy_difference": b["test_accuracy_mean"] - a["test_accuracy_mean"],
+    }

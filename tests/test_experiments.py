@@ -1,0 +1,221 @@
+"""Recipes, the stronger network family, calibration, and the experiment tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fmnist import evaluation, experiments, results, training
+from fmnist.model import SEED_PARAMETER_COUNT, build_network, multiply_adds
+from fmnist.recipes import Recipe, recipes_from_params
+
+
+def test_recipe_defaults_are_the_seed_architecture_with_its_tuned_values():
+    recipe = Recipe.from_params("baseline", {})
+    assert (recipe.architecture, recipe.learning_rate, recipe.batch_size) == ("seed", 1e-3, 64)
+    assert recipe.dropout_rate == 0.5
+    assert (recipe.epochs, recipe.patience, recipe.schedule, recipe.augments) == (10, 3, "constant", False)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rte": 0.1}, "Did you mean 'learning_rate'"),
+        ({"epochs": "ten"}, "give a int"),
+        ({"horizontal_flip": 1}, "give a bool"),
+        ({"epochs": True}, "give a int"),
+        ({"schedule": "linear"}, "schedule='linear'"),
+        ({"dropout_rate": 1.0}, r"dropout_rate=1.0 must be in \[0, 1\)"),
+        ({"epochs": 0}, "epochs=0 must be positive"),
+        ({"width": 64}, "the seed architecture is fixed"),
+        ({"architecture": "resnet"}, "architecture='resnet'"),
+        ({"stages": [1, "two"]}, "give a tuple"),
+    ],
+)
+def test_recipe_rejects_bad_fields_with_the_fix(values, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe.from_params("bad", values)
+
+
+def test_ablations_change_one_field_of_their_base():
+    main, varied = recipes_from_params(
+        {"strong": {"architecture": "bn_cnn", "width": 8, "horizontal_flip": True, "learning_rate": 3e-3}},
+        {"strong_no_flip": {"horizontal_flip": False}},
+        "strong",
+    )
+    assert varied[0].name == "strong_no_flip"
+    assert not varied[0].horizontal_flip
+    assert (varied[0].architecture, varied[0].width, varied[0].learning_rate) == ("bn_cnn", 8, 3e-3)
+    with pytest.raises(ValueError, match="ablation_base='missing'"):
+        recipes_from_params({"strong": {}}, {"x": {}}, "missing")
+    with pytest.raises(ValueError, match="reuse recipe names"):
+        recipes_from_params({"strong": {}}, {"strong": {}}, "strong")
+
+
+def test_plan_resolves_tuned_recipes_and_checks_seeds(tmp_path):
+    tuning = tmp_path / "best.json"
+    tuning.write_text(json.dumps({"learning_rate": 1e-4, "batch_size": 128, "dropout_rate": 0.3}))
+    runs, main, varied = experiments.plan(
+        {"tuned": {"tuned": True}, "fixed": {}},
+        {"fixed_flip": {"horizontal_flip": True}},
+        "fixed",
+        [1, 2],
+        [1],
+        tuning_result=tuning,
+    )
+    assert [(recipe.name, seed) for recipe, seed in runs] == [
+        ("tuned", 1),
+        ("tuned", 2),
+        ("fixed", 1),
+        ("fixed", 2),
+        ("fixed_flip", 1),
+    ]
+    assert (main[0].learning_rate, main[0].batch_size, main[0].dropout_rate) == (1e-4, 128, 0.3)
+    assert main[1].learning_rate == 1e-3
+    with pytest.raises(ValueError, match="seeds="):
+        experiments.plan({"a": {}}, {}, "a", [], [1], tuning_result=tuning)
+
+
+def test_bn_cnn_family_is_small_and_cheap_next_to_the_seed():
+    seed = build_network("seed")
+    assert seed.count_params() == SEED_PARAMETER_COUNT
+    # The seed's cost, by hand: its three convolutions and two dense layers.
+    assert multiply_adds(seed) == 26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 3 * 3 * 64 * 576 + 576 * 256 + 256 * 10
+    strong = build_network("bn_cnn", dropout_rate=0.2, width=32, stages=(1, 1, 1))
+    assert strong.output_shape == (None, 10)
+    assert strong.count_params() < seed.count_params()
+    without_bn = build_network("bn_cnn", width=32, stages=(1, 1, 1), batch_norm=False)
+    assert not any("bn" in layer.name for layer in without_bn.layers)
+    with pytest.raises(ValueError, match="the seed architecture is fixed"):
+        build_network("seed", width=8)
+
+
+def test_augmentation_flips_left_right_only_and_keeps_shapes():
+    recipe = Recipe.from_params("flip", {"horizontal_flip": True})
+    images = np.zeros((64, 28, 28, 1), dtype=np.float32)
+    images[:, :, :14] = 1.0  # Left half bright.
+    augmented = np.asarray(training.augmenter(recipe, seed=0)(images, training=True))
+    assert augmented.shape == images.shape
+    flipped = augmented[:, :, 14:].mean(axis=(1, 2, 3)) == 1.0
+    assert 0 < flipped.sum() < 64  # Some images mirrored, some not.
+    # Never upside down: every row keeps its content.
+    np.testing.assert_array_equal(augmented[:, 0], augmented[:, 27])
+    assert training.augmenter(Recipe.from_params("plain", {}), seed=0) is None
+
+
+def test_calibration_of_known_predictions():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probabilities = np.zeros((8, 10))
+    # Four predictions at confidence 0.9, three of them right; four at 0.6, all right.
+    probabilities[:4, 0], probabilities[:4, 1] = 0.9, 0.1
+    probabilities[3] = 0
+    probabilities[3, 2], probabilities[3, 0] = 0.9, 0.1
+    probabilities[4:, 1], probabilities[4:, 3] = 0.6, 0.4
+    result = evaluation.calibration(labels, probabilities, bins=10)
+    assert result["ece"] == pytest.approx(0.5 * abs(0.75 - 0.9) + 0.5 * abs(1.0 - 0.6))
+    assert [b["count"] for b in result["bins"]] == [4, 4]
+    perfect = np.eye(10)[labels]
+    assert evaluation.calibration(labels, perfect)["ece"] == 0.0
+
+
+def _fake_run(name, seed, accuracy, loss, *, tta=False, **recipe_fields):
+    recipe = Recipe.from_params(name, {"tta": tta, **recipe_fields}).as_dict()
+    scores = {"accuracy": accuracy, "loss": loss, "ece": 0.02, "reliability": []}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "parameters": 1000,
+        "multiply_adds": 5000,
+        "epochs_run": 10,
+        "train_seconds": 60.0,
+        "test": scores,
+        "test_without_tta": {**scores, "accuracy": accuracy - 0.01},
+        "test_with_tta": scores,
+    }
+
+
+def test_summary_means_and_standard_deviations_over_seeds():
+    runs = [_fake_run("a", 1, 0.90, 0.30), _fake_run("a", 2, 0.92, 0.26), _fake_run("b", 1, 0.95, 0.2)]
+    latency = {"a_int8.tflite": {"p50_ms": 0.3, "tta_p50_ms": 0.6, "size_bytes": 2048}}
+    rows = {row["recipe"]: row for row in results.summarise(runs, latency)}
+    assert rows["a"]["seeds"] == 2
+    assert rows["a"]["test_accuracy_mean"] == pytest.approx(0.91)
+    assert rows["a"]["test_accuracy_std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
+    assert rows["a"]["litert_int8_p50_ms"] == 0.3 and rows["a"]["litert_int8_kb"] == 2.0
+    assert rows["b"]["test_accuracy_std"] == 0.0 and rows["b"]["litert_int8_p50_ms"] is None
+    assert rows["a"]["test_accuracy_without_tta_mean"] == pytest.approx(0.90)
+    table = results.results_table(list(rows.values()))
+    assert table.loc["a", "accuracy without / with flip TTA"] == "0.9000 / 0.9100"
+    assert table.loc["a", "test accuracy"] == "0.9100 ± 0.0141"
+    comparison = results.comparison_rows(list(rows.values()), baseline="a", strong="b")
+    assert comparison[0]["test_accuracy"] == 0.90 and comparison[0]["source"] == "seed.md"
+    table = results.comparison_table(comparison)
+    assert list(table["source"])[-1] == "published" and list(table["test_loss"])[-1] == ""
+    assert comparison[2]["model"].startswith("our stronger model: b (mean of 1 seeds)")
+    assert any(row["test_accuracy"] == 0.954 for row in comparison)
+
+
+def test_ablation_rows_compare_on_shared_seeds_and_toggle_tta():
+    runs = [
+        _fake_run("full", 1, 0.93, 0.25, tta=True, horizontal_flip=True),
+        _fake_run("full", 2, 0.99, 0.05, tta=True, horizontal_flip=True),  # Not an ablation seed: ignored.
+        _fake_run("full_no_flip", 1, 0.92, 0.27, tta=True),
+    ]
+    ablations = [Recipe.from_params("full_no_flip", {"tta": True})]
+    rows = results.ablation_rows(runs, "full", ablations)
+    assert [row["change"] for row in rows] == ["none (the full recipe)", "TTA removed", "horizontal_flip=False"]
+    assert rows[0]["test_accuracy"] == 0.93
+    assert rows[1]["accuracy_change"] == pytest.approx(-0.01)
+    assert rows[2]["accuracy_change"] == pytest.approx(-0.01)
+
+
+def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypatch):
+    recipe = Recipe.from_params("a", {})
+    stored = _fake_run("a", 1, 0.9, 0.3)
+    path = experiments.run_path(tmp_path, recipe, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(stored))
+    trained = []
+    monkeypatch.setattr(experiments, "run_one", lambda recipe, seed, **_: trained.append((recipe.name, seed)) or stored)
+    messages = []
+    kept, missing = experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append)
+    assert trained == [] and "kept" in messages[0] and kept == [stored] and missing == []
+    changed = Recipe.from_params("a", {"epochs": 2})
+    _, missing = experiments.run_all(
+        [(changed, 1)], runs_dir=tmp_path, models_dir=tmp_path, train_missing=False, progress=messages.append
+    )
+    assert trained == [] and missing == ["a seed 1"]
+    experiments.run_all([(changed, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append)
+    assert trained == [("a", 1)] and "recipe changed" in messages[-3]
+
+
+def test_a_recipe_search_only_tunes_training_fields():
+    from fmnist import tuning
+
+    recipe = Recipe.from_params("strong", {"architecture": "bn_cnn", "width": 8})
+    data = np.zeros((10, 28, 28, 1), dtype=np.float32), np.zeros(10, dtype=int)
+    with pytest.raises(ValueError, match=r"search space \['width'\]"):
+        tuning.search_recipe(recipe, {"width": [8, 16]}, *data, *data, max_epochs=2, directory=None, seed=0)
+    with pytest.raises(ValueError, match=r"search space \[\]"):
+        tuning.search_recipe(recipe, {}, *data, *data, max_epochs=2, directory=None, seed=0)
+
+
+def test_the_seeds_contradiction_is_settled_by_the_measured_means():
+    rows = results.summarise([_fake_run("stated", 1, 0.88, 0.33), _fake_run("tuned", 1, 0.90, 0.30)])
+    settled = results.contradiction(rows, stated="stated", tuned="tuned")
+    assert settled["accuracy_difference"] == pytest.approx(0.02)
+    assert results.contradiction(rows, stated="missing", tuned="tuned") is None
+    from fmnist.report import experiments_block
+
+    text = experiments_block(
+        {
+            "recipes": rows,
+            "baseline": "tuned",
+            "strong": "stated",
+            "contradiction": settled,
+            "missing_runs": ["x seed 1"],
+        }
+    )
+    assert "**tuned** is better by 2.00 points" in text and "Incomplete" in text
