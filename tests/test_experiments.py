@@ -219,3 +219,24 @@ def test_the_seeds_contradiction_is_settled_by_the_measured_means():
         }
     )
     assert "**tuned** is better by 2.00 points" in text and "Incomplete" in text
+
+
+def test_a_short_bn_cnn_run_predicts_as_well_at_inference_as_in_training():
+    """Batch norm's moving statistics must settle within a short run (a search trial, a smoke run).
+
+    With Keras' default momentum (0.99) 60 steps leave them far from the batch statistics and the
+    inference-mode model answers one class for everything.
+    """
+    rng = np.random.default_rng(0)
+    labels = np.arange(1280) % 10
+    images = rng.random((1280, 28, 28, 1), dtype=np.float32) * 0.2
+    for label in range(10):  # Each class lights up its own band of rows.
+        images[labels == label, 2 * label + 4 : 2 * label + 7] += 0.8
+    recipe = Recipe.from_params(
+        "short", {"architecture": "bn_cnn", "width": 8, "epochs": 3, "patience": 0, "dropout_rate": 0.0}
+    )
+    fitted = training.fit(recipe, images, labels, images[:200], labels[:200], seed=0, verbose=0)
+    inference = (fitted.model.predict(images, verbose=0).argmax(axis=1) == labels).mean()
+    in_training = (np.asarray(fitted.model(images, training=True)).argmax(axis=1) == labels).mean()
+    assert in_training > 0.9
+    assert inference > in_training - 0.1, (inference, in_training)

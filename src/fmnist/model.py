@@ -65,7 +65,9 @@ def bn_cnn_network(
             name = f"stage{stage}_conv{index}"
             features = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=name)(features)
             if batch_norm:
-                features = layers.BatchNormalization(name=f"{name}_bn")(features)
+                # Momentum 0.9, not Keras' 0.99: the moving statistics used at inference must settle
+                # within the few hundred steps of a short run or a search trial.
+                features = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(features)
             features = layers.ReLU(name=f"{name}_relu")(features)
         if stage < len(stages):
             features = layers.MaxPooling2D(name=f"stage{stage}_pool")(features)
