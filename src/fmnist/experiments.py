@@ -34,12 +34,11 @@ def _say(message: str) -> None:
     print(f"[experiments] {message}", file=sys.stderr, flush=True)
 
 
-def predict(model: keras.Model, images: np.ndarray, *, tta: bool) -> np.ndarray:
-    """Class probabilities; with ``tta`` the mean of the image's and its mirror image's."""
-    probabilities = model.predict(images, batch_size=1000, verbose=0)
-    if tta:
-        probabilities = (probabilities + model.predict(images[:, :, ::-1, :], batch_size=1000, verbose=0)) / 2
-    return probabilities
+def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities without and with flip TTA (the mean of the image's and its mirror image's)."""
+    plain = model.predict(images, batch_size=1000, verbose=0)
+    mirrored = model.predict(images[:, :, ::-1, :], batch_size=1000, verbose=0)
+    return plain, (plain + mirrored) / 2
 
 
 def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
@@ -81,8 +80,7 @@ def run_one(
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
     fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
-    plain = predict(fitted.model, x_test, tta=False)
-    mirrored = predict(fitted.model, x_test, tta=True)
+    plain, mirrored = predict(fitted.model, x_test)
     result = {
         "recipe": recipe.as_dict(),
         "seed": seed,

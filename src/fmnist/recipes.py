@@ -16,8 +16,9 @@ from typing import Any
 from fmnist.config import SEED_HYPERPARAMETERS
 
 SCHEDULES = ("constant", "cosine")
-# The network families of fmnist.model.
+# The network families of fmnist.model, and the fields only bn_cnn takes.
 ARCHITECTURES = ("seed", "bn_cnn")
+BN_CNN_FIELDS = ("width", "stages", "batch_norm")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Recipe:
     tuned: bool = False  # Take learning_rate, batch_size and dropout_rate from the 02_tune stage's result.
 
     def __post_init__(self):
+        # A list from YAML and a tuple compare unequal: keep one form.
+        object.__setattr__(self, "stages", tuple(self.stages))
         problems = []
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -60,7 +63,8 @@ class Recipe:
             problems.append(f"erasing={self.erasing} must be a probability")
         if not 0 <= self.shift_pixels < 14:
             problems.append(f"shift_pixels={self.shift_pixels} must be between 0 and 13")
-        if self.architecture == "seed" and (self.width, tuple(self.stages), self.batch_norm) != (32, (1, 1, 2), True):
+        network_defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BN_CNN_FIELDS}
+        if self.architecture == "seed" and any(getattr(self, k) != v for k, v in network_defaults.items()):
             problems.append("width, stages and batch_norm belong to bn_cnn; the seed architecture is fixed")
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems) + ".")
@@ -72,7 +76,7 @@ class Recipe:
     def network_options(self) -> dict[str, Any]:
         if self.architecture == "seed":
             return {}
-        return {"width": self.width, "stages": tuple(self.stages), "batch_norm": self.batch_norm}
+        return {name: getattr(self, name) for name in BN_CNN_FIELDS}
 
     def with_hyperparameters(self, values: dict[str, Any]) -> Recipe:
         """A copy with ``learning_rate``, ``batch_size`` and ``dropout_rate`` from ``values``."""
@@ -81,7 +85,7 @@ class Recipe:
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        values["stages"] = list(self.stages)
+        values["stages"] = list(self.stages)  # As JSON stores it, so stored runs compare equal.
         return values
 
     @classmethod
@@ -102,8 +106,6 @@ class Recipe:
                     f"recipe {name!r}: {key}={value!r} is a {type(value).__name__}; give a {expected.__name__}."
                 )
         merged = {**{k: v for k, v in defaults.items() if k != "name"}, **values}
-        if "stages" in merged:
-            merged["stages"] = tuple(merged["stages"])
         return cls(name=name, **merged)
 
 

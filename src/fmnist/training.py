@@ -64,9 +64,14 @@ def augmenter(recipe: Recipe, seed: int) -> keras.Sequential | None:
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """Integer labels as float32 one-hot rows: the targets of the recipes' categorical loss."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+
+
 def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> tf.data.Dataset:
     """Shuffled, batched, augmented (if the recipe says so) one-hot training data."""
-    targets = np.eye(NUM_CLASSES, dtype=np.float32)[y]
+    targets = one_hot(y)
     dataset = tf.data.Dataset.from_tensor_slices((x, targets))
     dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(recipe.batch_size)
     augment = augmenter(recipe, seed)
@@ -107,7 +112,7 @@ def fit(recipe: Recipe, x_train, y_train, x_val, y_val, *, seed: int, verbose: i
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.patience, restore_best_weights=True)
         )
-    validation = (x_val, np.eye(NUM_CLASSES, dtype=np.float32)[y_val])
+    validation = (x_val, one_hot(y_val))
     started = time.perf_counter()
     history = model.fit(
         training_dataset(x_train, y_train, recipe, seed),

@@ -217,8 +217,9 @@ def search_recipe(
         project_name=directory.name,
         overwrite=True,
     )
-    targets = np.eye(10, dtype=np.float32)[y_val]
-    search.search(x_train, y_train, seed=seed, validation_data=(x_val, targets), verbose=verbose)
+    from fmnist.training import one_hot
+
+    search.search(x_train, y_train, seed=seed, validation_data=(x_val, one_hot(y_val)), verbose=verbose)
     rows = []
     for trial in search.oracle.trials.values():
         if trial.status != "COMPLETED":
