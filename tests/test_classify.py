@@ -118,3 +118,13 @@ def test_the_serve_extra_installs_and_classifies_without_tensorflow(images, tmp_
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["predictions"][0]["class"] == "Trouser"
+
+
+def test_the_arithmetic_floor_is_the_work_over_the_measured_speed():
+    from fmnist.bench import arithmetic_floor, matmul_gflops
+
+    floor = arithmetic_floor(2_000_000, 40.0)
+    assert floor["floor_ms"] == pytest.approx(0.1)  # 4 MFLOP at 40 GFLOP/s.
+    assert matmul_gflops() > 1.0
+    with pytest.raises(ValueError, match="must be positive"):
+        arithmetic_floor(0, 40.0)

@@ -32,6 +32,8 @@ def test_recipe_defaults_are_the_seed_architecture_with_its_tuned_values():
         ({"width": 64}, "the seed architecture is fixed"),
         ({"architecture": "resnet"}, "architecture='resnet'"),
         ({"stages": [1, "two"]}, "give a tuple"),
+        ({"architecture": "bn_cnn", "head": "dense"}, "head='dense' is not one of gap, flatten"),
+        ({"head": "flatten"}, "the seed architecture is fixed"),
     ],
 )
 def test_recipe_rejects_bad_fields_with_the_fix(values, message):
@@ -90,6 +92,20 @@ def test_bn_cnn_family_is_small_and_cheap_next_to_the_seed():
     assert not any("bn" in layer.name for layer in without_bn.layers)
     with pytest.raises(ValueError, match="the seed architecture is fixed"):
         build_network("seed", width=8)
+    # The flatten head feeds all 7x7 positions of the last 128 channels to the softmax.
+    flatten = build_network("bn_cnn", width=32, stages=(1, 1, 1), head="flatten")
+    assert multiply_adds(flatten) - multiply_adds(strong) == 7 * 7 * 128 * 10 - 128 * 10
+
+
+def test_shifts_move_whole_pixels_without_blurring():
+    recipe = Recipe.from_params("shift", {"shift_pixels": 2})
+    images = np.zeros((64, 28, 28, 1), dtype=np.float32)
+    images[:, 10:18, 10:18] = 1.0
+    augmented = np.asarray(training.augmenter(recipe, seed=0)(images, training=True))
+    # Nearest-pixel shifts keep every pixel black or white; interpolation would leave greys.
+    assert set(np.unique(augmented)) <= {0.0, 1.0}
+    assert np.all(augmented.sum(axis=(1, 2, 3)) == 64.0)  # The 8x8 square is moved, never cut.
+    assert len({tuple(np.argwhere(image[..., 0])[0]) for image in augmented}) > 5
 
 
 def test_augmentation_flips_left_right_only_and_keeps_shapes():

@@ -108,6 +108,10 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     serving = bench["serving"]
     assert serving["load"]["requests"] > 0 and serving["peak_rss_mb"] > 0
     assert serving["cold_start_to_first_answer_s"] > 0
+    floor = bench["floor"]
+    assert floor["multiply_adds"] == 2_906_752  # The seed CNN, counted layer by layer.
+    # No engine beats the arithmetic floor; if one did, the floor (or the timing) would be wrong.
+    assert 0 < floor["floor_ms"] < bench["latency"]["litert_float32"]["p50_ms"]
 
 
 def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_path):

@@ -54,6 +54,42 @@ def throughput(function, batch: int, seconds: float = 3.0) -> float:
     return count * batch / (time.perf_counter() - started)
 
 
+# Runs in a fresh process so that numpy's BLAS starts with one thread.
+_MATMUL_PROBE = """
+import time, numpy as np
+a = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+a @ a
+best = float("inf")
+for _ in range(20):
+    started = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - started)
+print(2 * 512**3 / best / 1e9)
+"""
+
+
+def matmul_gflops() -> float:
+    """This CPU's practical one-thread float32 peak: a 512x512 matrix product through numpy's BLAS."""
+    one_thread = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    probe = subprocess.run(
+        [sys.executable, "-c", _MATMUL_PROBE], env={**os.environ, **one_thread}, capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        raise RuntimeError(f"the matrix-multiply probe failed: {probe.stderr.strip()[-300:]}")
+    return float(probe.stdout)
+
+
+def arithmetic_floor(multiply_adds: int, gflops: float) -> dict[str, float]:
+    """The fastest one image can go if every multiply-add ran at the measured matrix-multiply speed."""
+    if multiply_adds <= 0 or gflops <= 0:
+        raise ValueError(f"multiply_adds={multiply_adds}, gflops={gflops}: both must be positive.")
+    return {
+        "multiply_adds": int(multiply_adds),
+        "matmul_gflops_one_thread": round(gflops, 1),
+        "floor_ms": 2 * multiply_adds / (gflops * 1e9) * 1e3,
+    }
+
+
 def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000) -> dict[str, dict]:
     """Single-image LiteRT latency (one thread) and size of each model, plain and with flip TTA (two calls).
 
@@ -242,6 +278,10 @@ def run_benchmark(
         results["latency"][f"litert_{name}"] = percentiles(samples)
         results["throughput"][f"litert_{name}"] = throughput(lambda c=classifier: c.probabilities(many), batch)
     model = keras.models.load_model(keras_model_path)
+    from fmnist.model import multiply_adds
+
+    say("one-thread matrix-multiply speed (the arithmetic floor) ...")
+    results["floor"] = arithmetic_floor(multiply_adds(model), matmul_gflops())
     say("Keras model.predict, one image ...")
     results["latency"]["keras_predict"] = percentiles(time_calls(lambda: model.predict(single, verbose=0), keras_runs))
     say("Keras direct call, one image ...")
@@ -284,6 +324,12 @@ def format_results(results: dict) -> str:
     for name, figures in results["latency"].items():
         speedup = results["speedup_vs_predict"][name]
         lines.append(f"  {name:<22} {figures['p50_ms']:12.4f} {figures['p99_ms']:9.4f} {speedup:12.0f}x")
+    floor = results.get("floor")
+    if floor:
+        lines.append(
+            f"arithmetic floor: {floor['multiply_adds'] / 1e6:.2f} M multiply-adds at "
+            f"{floor['matmul_gflops_one_thread']:.0f} GFLOP/s (one-thread matrix multiply) = {floor['floor_ms']:.3f} ms"
+        )
     lines.append("batch throughput (images/s):")
     lines += [f"  {name:<22} {value:12,.0f}" for name, value in results["throughput"].items()]
     serving = results["serving"]

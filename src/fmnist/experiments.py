@@ -80,6 +80,7 @@ def run_one(
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
     fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
+    validation_plain, validation_mirrored = predict(fitted.model, x_val)
     plain, mirrored = predict(fitted.model, x_test)
     result = {
         "recipe": recipe.as_dict(),
@@ -93,6 +94,11 @@ def run_one(
         "validation": {
             "accuracy": fitted.history["val_accuracy"][fitted.best_epoch - 1],
             "loss": fitted.history["val_loss"][fitted.best_epoch - 1],
+        },
+        # Whether flip TTA helps is read here, on validation, never from the test columns below.
+        "validation_tta": {
+            "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
+            "accuracy_with": float(np.mean(validation_mirrored.argmax(axis=1) == y_val)),
         },
         "history": fitted.history,
         "test": scores(y_test, mirrored if recipe.tta else plain),

@@ -43,16 +43,21 @@ def seed_network(dropout_rate: float = 0.5) -> keras.Model:
 
 
 def bn_cnn_network(
-    dropout_rate: float = 0.3, width: int = 32, stages: tuple[int, ...] = (1, 1, 2), batch_norm: bool = True
+    dropout_rate: float = 0.3,
+    width: int = 32,
+    stages: tuple[int, ...] = (1, 1, 2),
+    batch_norm: bool = True,
+    head: str = "gap",
 ) -> keras.Model:
     """A compact VGG-style CNN sized for a CPU.
 
     ``len(stages)`` resolutions (28, 14, 7 pixels), each with ``stages[i]`` 3x3
     "same" convolutions of ``width * 2**i`` filters, every one followed by batch
     normalisation (when ``batch_norm``) and ReLU; max pooling between the
-    resolutions, then global average pooling, dropout and the softmax. Global
-    pooling instead of the seed's large dense layer keeps the parameter count
-    and the multiply-adds small.
+    resolutions, then the head, dropout and the softmax. The "gap" head (global
+    average pooling) keeps the parameter count small; the "flatten" head feeds
+    every position of the last feature map to the softmax, as the seed's
+    network does, without the seed's large hidden dense layer.
     """
     _check_rates(dropout_rate)
     if width < 1 or not stages or min(stages) < 1:
@@ -71,14 +76,19 @@ def bn_cnn_network(
             features = layers.ReLU(name=f"{name}_relu")(features)
         if stage < len(stages):
             features = layers.MaxPooling2D(name=f"stage{stage}_pool")(features)
-    features = layers.GlobalAveragePooling2D(name="global_pool")(features)
+    if head == "gap":
+        features = layers.GlobalAveragePooling2D(name="global_pool")(features)
+    elif head == "flatten":
+        features = layers.Flatten(name="flatten")(features)
+    else:
+        raise ValueError(f"head={head!r}: choose 'gap' or 'flatten'.")
     features = layers.Dropout(dropout_rate, name="dropout")(features)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
     return keras.Model(inputs, outputs, name="bn_cnn")
 
 
 def build_network(architecture: str = "seed", *, dropout_rate: float = 0.5, **options) -> keras.Model:
-    """One of ``ARCHITECTURES``, uncompiled; ``options`` go to the bn_cnn family (width, stages, batch_norm)."""
+    """One of ``ARCHITECTURES``, uncompiled; ``options`` go to the bn_cnn family (width, stages, batch_norm, head)."""
     if architecture == "seed":
         if options:
             raise ValueError(f"the seed architecture is fixed; it takes no {sorted(options)}.")

@@ -18,7 +18,8 @@ from fmnist.config import SEED_HYPERPARAMETERS
 SCHEDULES = ("constant", "cosine")
 # The network families of fmnist.model, and the fields only bn_cnn takes.
 ARCHITECTURES = ("seed", "bn_cnn")
-BN_CNN_FIELDS = ("width", "stages", "batch_norm")
+BN_CNN_FIELDS = ("width", "stages", "batch_norm", "head")
+HEADS = ("gap", "flatten")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Recipe:
     width: int = 32  # bn_cnn: filters of the first stage, doubled per stage.
     stages: tuple[int, ...] = (1, 1, 2)  # bn_cnn: convolutions per resolution (28, 14, 7 pixels).
     batch_norm: bool = True  # bn_cnn: batch normalisation after every convolution.
+    head: str = "gap"  # bn_cnn: "gap" (global average pooling) or "flatten" (keeps where the features are).
     learning_rate: float = SEED_HYPERPARAMETERS["learning_rate"]
     batch_size: int = SEED_HYPERPARAMETERS["batch_size"]
     dropout_rate: float = SEED_HYPERPARAMETERS["dropout_rate"]
@@ -49,6 +51,8 @@ class Recipe:
         problems = []
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} is not one of {', '.join(HEADS)}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         for name in ("learning_rate", "batch_size", "epochs"):
@@ -65,7 +69,7 @@ class Recipe:
             problems.append(f"shift_pixels={self.shift_pixels} must be between 0 and 13")
         network_defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BN_CNN_FIELDS}
         if self.architecture == "seed" and any(getattr(self, k) != v for k, v in network_defaults.items()):
-            problems.append("width, stages and batch_norm belong to bn_cnn; the seed architecture is fixed")
+            problems.append("width, stages, batch_norm and head belong to bn_cnn; the seed architecture is fixed")
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems) + ".")
 

@@ -167,6 +167,16 @@ def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
         f"- saturated, {saturation['clients']} clients without pause: "
         f"**{saturation['requests_per_second']:,.0f} requests/s**, {_http_figures(saturation)}",
     ]
+    floor = bench.get("floor")
+    if floor:
+        float32 = bench["latency"].get("litert_float32", {}).get("p50_ms")
+        share = f" LiteRT float32 runs at {float32 / floor['floor_ms']:.1f}× that floor." if float32 else ""
+        serving_lines += [
+            "",
+            f"Arithmetic floor of one image on this CPU: {floor['multiply_adds'] / 1e6:.2f} M multiply-adds at "
+            f"{floor['matmul_gflops_one_thread']:.0f} GFLOP/s (numpy's one-thread matrix multiply) = "
+            f"**{floor['floor_ms']:.3f} ms**; no engine can go below it on one thread.{share}",
+        ]
     return latency, "\n".join(serving_lines)
 
 

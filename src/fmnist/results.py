@@ -32,6 +32,12 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
         # Both evaluations of the same weights, whatever the recipe reports: the TTA column shows its effect.
         without_tta, _ = _mean_std([run["test_without_tta"]["accuracy"] for run in runs])
         with_tta, _ = _mean_std([run["test_with_tta"]["accuracy"] for run in runs])
+        # The evidence a TTA decision may use: its effect on validation (runs from before it was recorded lack it).
+        tta_gains = [
+            run["validation_tta"]["accuracy_with"] - run["validation_tta"]["accuracy_without"]
+            for run in runs
+            if "validation_tta" in run
+        ]
         recipe = runs[0]["recipe"]
         int8 = latency.get(f"{name}_int8.tflite", {})
         float32 = latency.get(f"{name}_float32.tflite", {})
@@ -49,6 +55,7 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
                 "ece_mean": ece,
                 "test_accuracy_without_tta_mean": without_tta,
                 "test_accuracy_with_tta_mean": with_tta,
+                "validation_tta_gain_mean": float(np.mean(tta_gains)) if tta_gains else None,
                 "parameters": runs[0]["parameters"],
                 "multiply_adds": runs[0]["multiply_adds"],
                 "epochs_run_mean": float(np.mean([run["epochs_run"] for run in runs])),
