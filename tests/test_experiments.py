@@ -154,6 +154,8 @@ def _fake_run(name, seed, accuracy, loss, *, tta=False, **recipe_fields):
 
 def test_summary_means_and_standard_deviations_over_seeds():
     runs = [_fake_run("a", 1, 0.90, 0.30), _fake_run("a", 2, 0.92, 0.26), _fake_run("b", 1, 0.95, 0.2)]
+    runs[0]["validation_tta"] = {"accuracy_without": 0.91, "accuracy_with": 0.92}
+    runs[1]["validation_tta"] = {"accuracy_without": 0.92, "accuracy_with": 0.92}
     latency = {"a_int8.tflite": {"p50_ms": 0.3, "tta_p50_ms": 0.6, "size_bytes": 2048}}
     rows = {row["recipe"]: row for row in results.summarise(runs, latency)}
     assert rows["a"]["seeds"] == 2
@@ -165,6 +167,9 @@ def test_summary_means_and_standard_deviations_over_seeds():
     table = results.results_table(list(rows.values()))
     assert table.loc["a", "accuracy without / with flip TTA"] == "0.9000 / 0.9100"
     assert table.loc["a", "test accuracy"] == "0.9100 ± 0.0141"
+    # Mean of +1 and 0 points; runs recorded before validation TTA existed show n/a.
+    assert table.loc["a", "TTA gain on validation (points)"] == "+0.50"
+    assert table.loc["b", "TTA gain on validation (points)"] == "n/a"
     comparison = results.comparison_rows(list(rows.values()), baseline="a", strong="b")
     assert comparison[0]["test_accuracy"] == 0.90 and comparison[0]["source"] == "seed.md"
     table = results.comparison_table(comparison)
@@ -190,6 +195,7 @@ def test_ablation_rows_compare_on_shared_seeds_and_toggle_tta():
 def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypatch):
     recipe = Recipe.from_params("a", {})
     stored = _fake_run("a", 1, 0.9, 0.3)
+    del stored["recipe"]["head"]  # Stored before the field existed: its default is what the run used.
     path = experiments.run_path(tmp_path, recipe, 1)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(stored))

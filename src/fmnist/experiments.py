@@ -124,6 +124,14 @@ def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Pa
     return {kind: path.name for kind, path in files.items()}
 
 
+def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
+    """The recipe a stored run was trained with; fields added since take their defaults (the old behaviour)."""
+    try:
+        return Recipe(**values)
+    except (TypeError, ValueError):
+        return None
+
+
 def run_all(
     plan: Iterable[tuple[Recipe, int]],
     *,
@@ -149,7 +157,7 @@ def run_all(
         path = run_path(runs_dir, recipe, seed)
         if path.is_file() and not force:
             result = read_json(path)
-            if result["recipe"] == recipe.as_dict():
+            if _stored_recipe(result["recipe"]) == recipe:
                 progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
                 results.append(result)
                 continue

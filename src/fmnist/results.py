@@ -126,6 +126,10 @@ def results_table(rows: list[dict[str, Any]]):
                     frame["test_accuracy_without_tta_mean"], frame["test_accuracy_with_tta_mean"], strict=True
                 )
             ],
+            "TTA gain on validation (points)": [
+                "n/a" if gain is None or gain != gain else f"{100 * gain:+.2f}"
+                for gain in frame["validation_tta_gain_mean"]
+            ],
             "ECE": frame["ece_mean"].round(4),
             "parameters": frame["parameters"].map("{:,}".format),
             "multiply-adds (M)": (frame["multiply_adds"] / 1e6).round(2),
