@@ -262,3 +262,21 @@ def test_a_short_bn_cnn_run_predicts_as_well_at_inference_as_in_training():
     in_training = (np.asarray(fitted.model(images, training=True)).argmax(axis=1) == labels).mean()
     assert in_training > 0.9
     assert inference > in_training - 0.1, (inference, in_training)
+
+
+def test_latency_of_models_not_on_disk_is_kept(tmp_path, monkeypatch):
+    out = tmp_path / "latency.json"
+    out.write_text(json.dumps({"old_int8.tflite": {"p50_ms": 0.3}, "new_int8.tflite": {"p50_ms": 9.9}}))
+    models = tmp_path / "models"
+    models.mkdir()
+    # A fresh clone: no models, so nothing is measured and the committed figures stay.
+    assert experiments.measure_latency(models, out) == json.loads(out.read_text())
+    (models / "new_int8.tflite").write_bytes(b"")
+
+    def fake_latency_command(command, **_):
+        out.write_text(json.dumps({"new_int8.tflite": {"p50_ms": 0.1}}))
+
+    monkeypatch.setattr("subprocess.run", fake_latency_command)
+    figures = experiments.measure_latency(models, out)
+    assert figures == {"old_int8.tflite": {"p50_ms": 0.3}, "new_int8.tflite": {"p50_ms": 0.1}}
+    assert json.loads(out.read_text()) == figures

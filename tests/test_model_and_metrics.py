@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,16 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text().strip().startswith("{") and "good" in target.read_text()
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        target = write_json(tmp_path / "shared.json", {"readable": True})
+    finally:
+        os.umask(old_mask)
+    # Readable by others, as any file written under umask 022 is; mkstemp alone would leave 0600.
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
 def test_failed_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
