@@ -24,10 +24,11 @@ def test_shipped_profiles_are_valid(directory):
     assert all("seed" in profile[stage] for stage in ("01_eda", "02_tune", "03_train", "04_evaluate"))
 
 
-def test_full_profile_runs_the_seed_recipe():
+def test_full_profile_trains_the_seed_network_with_what_validation_chose():
     profile = load_profile(PARAMS_DIR)
-    assert profile["03_train"]["epochs"] == 10 and profile["03_train"]["patience"] == 3
-    assert profile["03_train"]["train_subset"] == 0
+    training = profile["03_train"]
+    assert training["epochs"] == 15 and training["patience"] == 3 and training["train_subset"] == 0
+    assert training["schedule"] == "cosine" and training["horizontal_flip"] is True
     assert profile["02_tune"]["max_trials"] == 0 and profile["02_tune"]["tuner"] == "grid"
     assert profile["02_tune"]["objective"] == "val_loss"
 
