@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fmnist.config import IMAGE_SIZE, NUM_CLASSES
-from fmnist.recipes import ARCHITECTURES
+from fmnist.recipes import ARCHITECTURES, HEADS
 from fmnist.runtime import quiet_tensorflow
 
 quiet_tensorflow()
@@ -81,7 +81,7 @@ def bn_cnn_network(
     elif head == "flatten":
         features = layers.Flatten(name="flatten")(features)
     else:
-        raise ValueError(f"head={head!r}: choose 'gap' or 'flatten'.")
+        raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}.")
     features = layers.Dropout(dropout_rate, name="dropout")(features)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
     return keras.Model(inputs, outputs, name="bn_cnn")

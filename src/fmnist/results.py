@@ -127,8 +127,7 @@ def results_table(rows: list[dict[str, Any]]):
                 )
             ],
             "TTA gain on validation (points)": [
-                "n/a" if gain is None or gain != gain else f"{100 * gain:+.2f}"
-                for gain in frame["validation_tta_gain_mean"]
+                "n/a" if pd.isna(gain) else f"{100 * gain:+.2f}" for gain in frame["validation_tta_gain_mean"]
             ],
             "ECE": frame["ece_mean"].round(4),
             "parameters": frame["parameters"].map("{:,}".format),
