@@ -176,6 +176,9 @@ def test_summary_means_and_standard_deviations_over_seeds():
     assert list(table["source"])[-1] == "published" and list(table["test_loss"])[-1] == ""
     assert comparison[2]["model"].startswith("our stronger model: b (mean of 1 seeds)")
     assert any(row["test_accuracy"] == 0.954 for row in comparison)
+    with_study = results.comparison_rows(list(rows.values()), baseline="a", study="a", strong="b")
+    labels = [row["model"].split(":")[0] for row in with_study[1:4]]
+    assert labels == ["our baseline", "the study's recipe", "our stronger model"]
 
 
 def test_ablation_rows_compare_on_shared_seeds_and_toggle_tta():
@@ -235,12 +238,14 @@ def test_the_seeds_contradiction_is_settled_by_the_measured_means():
         {
             "recipes": rows,
             "baseline": "tuned",
+            "study": "tuned",
             "strong": "stated",
             "contradiction": settled,
             "missing_runs": ["x seed 1"],
         }
     )
     assert "**tuned** is better by 2.00 points" in text and "Incomplete" in text
+    assert "- **The study's recipe, tuned**: test accuracy 0.9000" in text
 
 
 def test_a_short_bn_cnn_run_predicts_as_well_at_inference_as_in_training():

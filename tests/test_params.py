@@ -27,10 +27,23 @@ def test_shipped_profiles_are_valid(directory):
 def test_full_profile_trains_the_seed_network_with_what_validation_chose():
     profile = load_profile(PARAMS_DIR)
     training = profile["03_train"]
-    assert training["epochs"] == 15 and training["patience"] == 3 and training["train_subset"] == 0
-    assert training["schedule"] == "cosine" and training["horizontal_flip"] is True
+    assert training["train_subset"] == 0 and training["patience"] > 0
+    assert training["schedule"] == "cosine" and training["horizontal_flip"] is True and training["shift_pixels"] > 0
     assert profile["02_tune"]["max_trials"] == 0 and profile["02_tune"]["tuner"] == "grid"
     assert profile["02_tune"]["objective"] == "val_loss"
+
+
+def test_the_multi_seed_evidence_is_for_the_studys_training_recipe():
+    # 06_experiments' seed_study must train exactly as 03_train does, with the tuned values, so its
+    # mean over seeds describes the study's model.
+    profile = load_profile(PARAMS_DIR)
+    training, experiments = profile["03_train"], profile["06_experiments"]
+    recipe = experiments["recipes"]["seed_study"]
+    assert recipe.pop("tuned") is True
+    assert recipe == {key: training[key] for key in recipe}
+    assert set(recipe) == {"epochs", "patience", "schedule", "horizontal_flip", "shift_pixels"}
+    assert experiments["train_subset"] == training["train_subset"] == 0
+    assert experiments["validation_size"] == training["validation_size"]
 
 
 def test_mistyped_key_is_an_error_with_a_suggestion(profile):

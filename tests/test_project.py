@@ -34,3 +34,24 @@ def test_notebooks_are_committed_clean_with_the_python3_kernel_and_a_parameters_
         assert all(not cell["outputs"] and cell["execution_count"] is None for cell in code_cells), stage
         tagged = [cell for cell in code_cells if "parameters" in cell["metadata"].get("tags", [])]
         assert len(tagged) == 1, stage
+
+
+def test_the_manifest_calls_a_checkout_dirty_for_code_changes_not_for_the_runs_own_reports(tmp_path, monkeypatch):
+    import subprocess
+
+    from fmnist import manifest
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text("{}")
+    (tmp_path / "params.yaml").write_text("epochs: 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    monkeypatch.setattr(manifest, "PROJECT_ROOT", tmp_path)
+    (tmp_path / "reports" / "metrics.json").write_text('{"test_accuracy": 0.9}')
+    assert manifest.git_state()["dirty"] is False
+    (tmp_path / "params.yaml").write_text("epochs: 2\n")
+    assert manifest.git_state()["dirty"] is True

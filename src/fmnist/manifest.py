@@ -49,7 +49,9 @@ def git_state() -> dict[str, str | bool | None]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # The run rewrites the committed reference artifacts under reports/: only changes elsewhere
+    # (code, notebooks, params) make the checkout dirty.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -209,10 +209,10 @@ def experiments_block(summary: dict | None) -> str:
         f"Published figures are from the [Fashion-MNIST benchmark table]({BENCHMARK_URL}).",
         "",
     ]
-    for role in ("baseline", "strong"):
-        row = rows.get(summary[role])
+    labels = {"baseline": "Our baseline", "study": "The study's recipe", "strong": "Our stronger model"}
+    for role, label in labels.items():
+        row = rows.get(summary.get(role, ""))
         if row:
-            label = "Our baseline" if role == "baseline" else "Our stronger model"
             lines.append(
                 f"- **{label}, {row['recipe']}**: test accuracy {row['test_accuracy_mean']:.4f} ± "
                 f"{row['test_accuracy_std']:.4f}, loss {row['test_loss_mean']:.4f} ± {row['test_loss_std']:.4f} "

@@ -141,8 +141,8 @@ def results_table(rows: list[dict[str, Any]]):
     )
 
 
-def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str) -> list[dict[str, Any]]:
-    """The seed's claims, our two named recipes and the published anchors, best last."""
+def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str, study: str = "") -> list[dict[str, Any]]:
+    """The seed's claims, our named recipes (the study's own when ``study`` names one) and the published anchors."""
     from fmnist.config import BENCHMARK_URL, PUBLISHED_ANCHORS, SEED_CLAIMS
 
     by_name = {row["recipe"]: row for row in rows}
@@ -155,7 +155,7 @@ def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str) -
             "test_loss": SEED_CLAIMS["test_loss"],
         }
     ]
-    for label, name in (("our baseline", baseline), ("our stronger model", strong)):
+    for label, name in (("our baseline", baseline), ("the study's recipe", study), ("our stronger model", strong)):
         row = by_name.get(name)
         if row:
             table.append(
