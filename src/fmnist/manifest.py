@@ -8,7 +8,10 @@ import sys
 from datetime import UTC, datetime
 from importlib import metadata
 
-from fmnist.config import PROJECT_ROOT
+from fmnist.config import PROJECT_ROOT, REPORTS_DIR
+
+# The committed reference artifacts, as a path inside the checkout.
+REPORTS_IN_CHECKOUT = REPORTS_DIR.relative_to(PROJECT_ROOT).as_posix()
 
 # The packages whose versions decide a result.
 TRACKED_PACKAGES = (
@@ -51,7 +54,7 @@ def git_state() -> dict[str, str | bool | None]:
     commit = git("rev-parse", "HEAD")
     # The run rewrites the committed reference artifacts under reports/: only changes elsewhere
     # (code, notebooks, params) make the checkout dirty.
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){REPORTS_IN_CHECKOUT}")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

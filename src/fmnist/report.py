@@ -9,6 +9,7 @@ import pandas as pd
 
 from fmnist.config import ALL_STAGES, BENCHMARK_URL, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
 from fmnist.io import read_json, write_text
+from fmnist.results import ROLE_LABELS
 
 # Which stage writes which figure, so a missing one says what to run.
 FIGURE_STAGES = {
@@ -209,12 +210,12 @@ def experiments_block(summary: dict | None) -> str:
         f"Published figures are from the [Fashion-MNIST benchmark table]({BENCHMARK_URL}).",
         "",
     ]
-    labels = {"baseline": "Our baseline", "study": "The study's recipe", "strong": "Our stronger model"}
-    for role, label in labels.items():
+    for role, label in ROLE_LABELS.items():
         row = rows.get(summary.get(role, ""))
         if row:
+            heading = label[0].upper() + label[1:]
             lines.append(
-                f"- **{label}, {row['recipe']}**: test accuracy {row['test_accuracy_mean']:.4f} ± "
+                f"- **{heading}, {row['recipe']}**: test accuracy {row['test_accuracy_mean']:.4f} ± "
                 f"{row['test_accuracy_std']:.4f}, loss {row['test_loss_mean']:.4f} ± {row['test_loss_std']:.4f} "
                 f"({row['seeds']} seeds, {row['parameters']:,} parameters, "
                 f"{row['train_seconds_mean'] / 60:.1f} min of training per seed)."

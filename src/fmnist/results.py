@@ -141,6 +141,10 @@ def results_table(rows: list[dict[str, Any]]):
     )
 
 
+# The recipes the comparison names, by role (the 06_experiments parameters of the same names).
+ROLE_LABELS = {"baseline": "our baseline", "study": "the study's recipe", "strong": "our stronger model"}
+
+
 def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str, study: str = "") -> list[dict[str, Any]]:
     """The seed's claims, our named recipes (the study's own when ``study`` names one) and the published anchors."""
     from fmnist.config import BENCHMARK_URL, PUBLISHED_ANCHORS, SEED_CLAIMS
@@ -155,12 +159,13 @@ def comparison_rows(rows: list[dict[str, Any]], *, baseline: str, strong: str, s
             "test_loss": SEED_CLAIMS["test_loss"],
         }
     ]
-    for label, name in (("our baseline", baseline), ("the study's recipe", study), ("our stronger model", strong)):
-        row = by_name.get(name)
+    names = {"baseline": baseline, "study": study, "strong": strong}
+    for role, label in ROLE_LABELS.items():
+        row = by_name.get(names[role])
         if row:
             table.append(
                 {
-                    "model": f"{label}: {name} (mean of {row['seeds']} seeds)",
+                    "model": f"{label}: {names[role]} (mean of {row['seeds']} seeds)",
                     "source": "this study",
                     "parameters": row["parameters"],
                     "test_accuracy": row["test_accuracy_mean"],
