@@ -7,7 +7,7 @@ OUT ?= reports
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all setup data study experiments smoke report test lint lab kernel serve bench ship-model clean
+.PHONY: all setup data study experiments seed-budget smoke report test lint lab kernel serve bench ship-model clean
 
 all: setup data study  ## Set up, then run the full study and render reports/report.html.
 
@@ -33,6 +33,10 @@ study: setup data  ## Run every stage with the full params and render the report
 
 experiments: setup data  ## Multi-seed recipes, ablations, calibration (about 2 hours; resumes), then the report.
 	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT) --stage 06_experiments --stage report
+
+seed-budget: setup data  ## The seed's 27-point grid at its own budget (about 3 hours on 2 cores; resumes), then the study.
+	$(BIN)/fmnist run --params params/seed_budget --out $(OUT)/seed_budget --stage 02_tune
+	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT)
 
 smoke: setup data  ## The whole chain with the tiny profile, into build/smoke (about 2 minutes).
 	$(BIN)/fmnist run --params params/smoke --out build/smoke

@@ -73,9 +73,9 @@ def test_the_inference_path_never_imports_tensorflow_or_keras(images):
 
 def test_export_has_no_flex_ops_and_matches_keras(tmp_path):
     from fmnist import deploy, export
-    from fmnist.model import build_model
+    from fmnist.model import build_network
 
-    model = build_model()
+    model = build_network("seed")
     rng = np.random.default_rng(0)
     images = rng.random((64, 28, 28, 1), dtype=np.float32)
     float32, int8 = export.to_float32(model), export.to_int8(model, images[:32])

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from fmnist import evaluation, experiments, results, training
 from fmnist.model import SEED_PARAMETER_COUNT, build_network, multiply_adds
@@ -101,7 +102,7 @@ def test_shifts_move_whole_pixels_without_blurring():
     recipe = Recipe.from_params("shift", {"shift_pixels": 2})
     images = np.zeros((64, 28, 28, 1), dtype=np.float32)
     images[:, 10:18, 10:18] = 1.0
-    augmented = np.asarray(training.augmenter(recipe, seed=0)(images, training=True))
+    augmented = np.asarray(training.augment_batch(tf.constant(images), recipe, tf.constant([0, 1], tf.int64)))
     # Nearest-pixel shifts keep every pixel black or white; interpolation would leave greys.
     assert set(np.unique(augmented)) <= {0.0, 1.0}
     assert np.all(augmented.sum(axis=(1, 2, 3)) == 64.0)  # The 8x8 square is moved, never cut.
@@ -112,13 +113,29 @@ def test_augmentation_flips_left_right_only_and_keeps_shapes():
     recipe = Recipe.from_params("flip", {"horizontal_flip": True})
     images = np.zeros((64, 28, 28, 1), dtype=np.float32)
     images[:, :, :14] = 1.0  # Left half bright.
-    augmented = np.asarray(training.augmenter(recipe, seed=0)(images, training=True))
+    augmented = np.asarray(training.augment_batch(tf.constant(images), recipe, tf.constant([0, 1], tf.int64)))
     assert augmented.shape == images.shape
     flipped = augmented[:, :, 14:].mean(axis=(1, 2, 3)) == 1.0
     assert 0 < flipped.sum() < 64  # Some images mirrored, some not.
     # Never upside down: every row keeps its content.
     np.testing.assert_array_equal(augmented[:, 0], augmented[:, 27])
-    assert training.augmenter(Recipe.from_params("plain", {}), seed=0) is None
+    # Stateless: the same (seed, step) gives the same batch, the next step another.
+    again = training.augment_batch(tf.constant(images), recipe, tf.constant([0, 1], tf.int64))
+    following = training.augment_batch(tf.constant(images), recipe, tf.constant([0, 2], tf.int64))
+    np.testing.assert_array_equal(augmented, again)
+    assert not np.array_equal(augmented, following)
+
+
+def test_random_erasing_blacks_out_one_rectangle_of_the_documented_size():
+    recipe = Recipe.from_params("erase", {"erasing": 1.0})
+    images = np.ones((200, 28, 28, 1), dtype=np.float32)
+    erased = 1 - np.asarray(training.augment_batch(tf.constant(images), recipe, tf.constant([0, 1], tf.int64)))
+    fractions = erased.reshape(200, -1).mean(axis=1)
+    assert fractions.min() >= 1 / 784 and fractions.max() <= 0.4
+    for image in erased[:20, :, :, 0]:
+        rows, columns = np.nonzero(image)
+        # One solid rectangle: its bounding box is entirely erased.
+        assert image[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1].all()
 
 
 def test_calibration_of_known_predictions():
@@ -219,12 +236,13 @@ def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypa
 def test_a_recipe_search_only_tunes_training_fields():
     from fmnist import tuning
 
-    recipe = Recipe.from_params("strong", {"architecture": "bn_cnn", "width": 8})
-    data = np.zeros((10, 28, 28, 1), dtype=np.float32), np.zeros(10, dtype=int)
+    recipe = Recipe.from_params("strong", {"architecture": "bn_cnn", "width": 8}).as_dict()
     with pytest.raises(ValueError, match=r"search space \['width'\]"):
-        tuning.search_recipe(recipe, {"width": [8, 16]}, *data, *data, max_epochs=2, directory=None, seed=0)
+        tuning.SearchRequest(recipe=recipe, search_space={"width": [8, 16]})
     with pytest.raises(ValueError, match=r"search space \[\]"):
-        tuning.search_recipe(recipe, {}, *data, *data, max_epochs=2, directory=None, seed=0)
+        tuning.SearchRequest(recipe=recipe, search_space={})
+    with pytest.raises(ValueError, match="non-empty list"):
+        tuning.SearchRequest(recipe=recipe, search_space={"learning_rate": 0.1})
 
 
 def test_the_seeds_contradiction_is_settled_by_the_measured_means():
@@ -285,3 +303,39 @@ def test_latency_of_models_not_on_disk_is_kept(tmp_path, monkeypatch):
     figures = experiments.measure_latency(models, out)
     assert figures == {"old_int8.tflite": {"p50_ms": 0.3}, "new_int8.tflite": {"p50_ms": 0.1}}
     assert json.loads(out.read_text()) == figures
+
+
+def test_the_budget_comparison_ranks_both_grids_and_finds_the_seeds_point():
+    import itertools
+
+    import pandas as pd
+
+    from fmnist.report import budget_block
+
+    grid = list(itertools.product([1e-3, 1e-4, 1e-5], [32, 64, 128], [0.1, 0.3, 0.5]))
+    rows = [dict(zip(results.GRID_FIELDS, point, strict=True)) for point in grid]
+    # Cheap: learning rate decides everything, less dropout is better. Full: dropout 0.5 and batch 64 win.
+    cheap = pd.DataFrame([{**r, "val_loss": -np.log10(r["learning_rate"]) + r["dropout_rate"]} for r in rows])
+    full = pd.DataFrame(
+        [
+            {
+                **r,
+                "val_loss": -np.log10(r["learning_rate"]) - r["dropout_rate"] + abs(r["batch_size"] - 64) / 1000,
+                "val_accuracy": 0.9,
+                "best_epoch": 7,
+            }
+            for r in rows
+        ]
+    )
+    comparison = results.budget_comparison(cheap, full)
+    assert comparison["points"] == 27
+    winner = comparison["full_winner"]
+    assert (winner["learning_rate"], winner["batch_size"], winner["dropout_rate"]) == (1e-3, 64, 0.5)
+    assert comparison["seed_point"]["rank_full"] == 1  # Here the seed's choice is the full-budget winner.
+    assert comparison["cheap_winner"]["dropout_rate"] == 0.1 and comparison["cheap_winner"]["rank_cheap"] == 1
+    assert 0 < comparison["spearman_rho"] < 1  # Learning rate agrees, dropout disagrees.
+    text = budget_block(comparison)
+    assert "ranks **1 of 27**" in text and "Spearman's rho" in text and "The study trains with it" in text
+    assert "Not compared" in budget_block(None)
+    with pytest.raises(ValueError, match="only 2 grid points"):
+        results.budget_comparison(cheap.head(2), full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 from fmnist import evaluation, training
 from fmnist.config import CLASS_NAMES, SEED_HYPERPARAMETERS
 from fmnist.io import atomic_path, write_json
-from fmnist.model import SEED_PARAMETER_COUNT, build_model
+from fmnist.model import SEED_PARAMETER_COUNT, build_network
+from fmnist.recipes import Recipe
 
 
 def test_seed_architecture_has_the_seed_parameter_count_and_layers():
-    model = build_model(dropout_rate=0.3)
+    model = build_network("seed", dropout_rate=0.3)
     assert model.count_params() == SEED_PARAMETER_COUNT == 206_026
     kinds = [layer.__class__.__name__ for layer in model.layers]
     assert kinds == [
@@ -35,15 +37,16 @@ def test_seed_architecture_has_the_seed_parameter_count_and_layers():
 
 
 def test_model_outputs_probabilities():
-    model = build_model()
+    model = build_network("seed")
     probabilities = model.predict(np.zeros((3, 28, 28, 1), dtype=np.float32), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arguments", [{"dropout_rate": 1.0}, {"learning_rate": 0.0}])
-def test_model_rejects_bad_hyperparameters(arguments):
-    with pytest.raises(ValueError):
-        build_model(**arguments)
+def test_model_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="dropout_rate=1.0"):
+        build_network("seed", dropout_rate=1.0)
+    with pytest.raises(ValueError, match="learning_rate=0.0 must be positive"):
+        Recipe("bad", learning_rate=0.0)
 
 
 def test_metrics_match_hand_computed_values():
@@ -108,7 +111,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
 
 def test_failed_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
     path = tmp_path / "model.keras"
-    model = build_model()
+    model = training.build(Recipe("saved"), train_images=64, seed=0)
     training.save_model(model, path)
     before = path.read_bytes()
 
@@ -133,20 +136,29 @@ def test_choose_hyperparameters_falls_back_to_the_seed_and_checks_the_file(tmp_p
         training.choose_hyperparameters(bad)
 
 
-def test_train_runs_with_early_stopping_and_validation():
+def test_fit_runs_with_early_stopping_and_validation():
     rng = np.random.default_rng(0)
     x = rng.random((64, 28, 28, 1), dtype=np.float32)
     y = np.arange(64) % 10
-    settings = dict(learning_rate=1e-3, batch_size=32, dropout_rate=0.1, epochs=2, patience=1, verbose=0)
-    model, history, best_epoch = training.train(x, y, x[:20], y[:20], seed=0, **settings)
-    assert set(history) >= {"loss", "val_loss", "accuracy", "val_accuracy", "epoch_seconds"}
-    assert 1 <= best_epoch <= len(history["loss"]) <= 2
+    recipe = Recipe("tiny", learning_rate=1e-3, batch_size=32, dropout_rate=0.1, epochs=2, patience=1)
+    fitted = training.fit(recipe, x, y, x[:20], y[:20], seed=0, verbose=0)
+    assert set(fitted.history) >= {"loss", "val_loss", "accuracy", "val_accuracy", "epoch_seconds"}
+    assert 1 <= fitted.best_epoch <= fitted.epochs_run <= 2
     # One seed drives everything: the same seed gives the same epochs, another seed others.
-    _, again, _ = training.train(x, y, x[:20], y[:20], seed=0, **settings)
-    _, other, _ = training.train(x, y, x[:20], y[:20], seed=1, **settings)
-    assert again["loss"] == history["loss"] and other["loss"] != history["loss"]
+    again = training.fit(recipe, x, y, x[:20], y[:20], seed=0, verbose=0)
+    other = training.fit(recipe, x, y, x[:20], y[:20], seed=1, verbose=0)
+    assert again.history["loss"] == fitted.history["loss"] and other.history["loss"] != fitted.history["loss"]
     # The study's recipe options train too.
-    _, cosine, _ = training.train(x, y, x[:20], y[:20], seed=0, schedule="cosine", horizontal_flip=True, **settings)
-    assert cosine["loss"] != history["loss"]
-    with pytest.raises(ValueError, match="epochs=0"):
-        training.train(x, y, x, y, learning_rate=1e-3, batch_size=32, dropout_rate=0.1, epochs=0, patience=1, seed=0)
+    cosine = training.fit(
+        dataclasses.replace(recipe, schedule="cosine", horizontal_flip=True),
+        x,
+        y,
+        x[:20],
+        y[:20],
+        seed=0,
+        verbose=0,
+    )
+    assert cosine.history["loss"] != fitted.history["loss"]
+    summary = fitted.summary(recipe, len(y))
+    assert summary["parameters"] == SEED_PARAMETER_COUNT and summary["train_images"] == 64
+    assert summary["validation"]["loss"] == fitted.history["val_loss"][fitted.best_epoch - 1]

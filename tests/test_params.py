@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import yaml
 
 from fmnist.config import PARAMS_DIR
 from fmnist.params import ParamsError, load_profile
@@ -17,7 +18,7 @@ def profile(tmp_path):
     return target
 
 
-@pytest.mark.parametrize("directory", [PARAMS_DIR, PARAMS_DIR / "smoke"])
+@pytest.mark.parametrize("directory", [PARAMS_DIR, PARAMS_DIR / "smoke", PARAMS_DIR / "seed_budget"])
 def test_shipped_profiles_are_valid(directory):
     profile = load_profile(directory)
     assert profile["02_tune"]["validation_size"] == profile["03_train"]["validation_size"]
@@ -26,35 +27,51 @@ def test_shipped_profiles_are_valid(directory):
 
 def test_full_profile_trains_the_seed_network_with_what_validation_chose():
     profile = load_profile(PARAMS_DIR)
-    training = profile["03_train"]
-    assert training["train_subset"] == 0 and training["patience"] > 0
-    assert training["schedule"] == "cosine" and training["horizontal_flip"] is True and training["shift_pixels"] > 0
+    training, recipe = profile["03_train"], profile["03_train"]["recipe"]
+    assert training["train_subset"] == 0 and recipe["patience"] > 0 and recipe["tuned"] is True
+    assert recipe["schedule"] == "cosine" and recipe["horizontal_flip"] is True and recipe["shift_pixels"] > 0
     assert profile["02_tune"]["max_trials"] == 0 and profile["02_tune"]["tuner"] == "grid"
     assert profile["02_tune"]["objective"] == "val_loss"
 
 
 def test_the_multi_seed_evidence_is_for_the_studys_training_recipe():
     # 06_experiments' seed_study must train exactly as 03_train does, with the tuned values, so its
-    # mean over seeds describes the study's model.
+    # mean over seeds describes the study's model: it names 03_train's recipe instead of repeating it.
+    assert yaml.safe_load((PARAMS_DIR / "06_experiments.yaml").read_text())["recipes"]["seed_study"] == "03_train"
     profile = load_profile(PARAMS_DIR)
     training, experiments = profile["03_train"], profile["06_experiments"]
-    recipe = experiments["recipes"]["seed_study"]
-    assert recipe.pop("tuned") is True
-    assert recipe == {key: training[key] for key in recipe}
-    assert set(recipe) == {"epochs", "patience", "schedule", "horizontal_flip", "shift_pixels"}
+    assert experiments["recipes"]["seed_study"] == training["recipe"]
     assert experiments["train_subset"] == training["train_subset"] == 0
     assert experiments["validation_size"] == training["validation_size"]
 
 
+def test_a_recipe_reference_must_name_the_training_stage(profile):
+    text = (
+        (profile / "06_experiments.yaml")
+        .read_text()
+        .replace("seed_tuned: {tuned: true, epochs: 1}", "seed_tuned: 04_evaluate")
+    )
+    (profile / "06_experiments.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="'04_evaluate' names no stage; give a mapping of fields or '03_train'"):
+        load_profile(profile)
+
+
+def test_the_seed_budget_profile_is_the_seeds_own_tuning_budget():
+    tune = load_profile(PARAMS_DIR / "seed_budget")["02_tune"]
+    assert (tune["tuner"], tune["max_trials"], tune["train_subset"]) == ("grid", 0, 0)
+    assert (tune["tuning_epochs"], tune["patience"], tune["objective"]) == (10, 3, "val_loss")
+    assert tune["workers"] == 2
+
+
 def test_mistyped_key_is_an_error_with_a_suggestion(profile):
-    (profile / "03_train.yaml").write_text("epochs: 1\npatiense: 3\n")
-    with pytest.raises(ParamsError, match=r"03_train.yaml: unknown parameter 'patiense'. Did you mean 'patience'\?"):
+    (profile / "03_train.yaml").write_text("train_subset: 1\nrecipy: {}\n")
+    with pytest.raises(ParamsError, match=r"03_train.yaml: unknown parameter 'recipy'. Did you mean 'recipe'\?"):
         load_profile(profile)
 
 
 def test_wrong_type_is_an_error(profile):
-    (profile / "03_train.yaml").write_text("epochs: ten\n")
-    with pytest.raises(ParamsError, match=r"epochs='ten' is a str; the notebook declares epochs: int"):
+    (profile / "03_train.yaml").write_text("train_subset: ten\n")
+    with pytest.raises(ParamsError, match=r"train_subset='ten' is a str; the notebook declares train_subset: int"):
         load_profile(profile)
 
 

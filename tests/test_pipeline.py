@@ -6,9 +6,17 @@ the test reads the metrics the notebooks themselves wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fmnist.cli import main
@@ -35,7 +43,7 @@ def test_every_stage_ran_and_was_timed(smoke_run):
 def test_metrics_json_holds_what_the_report_needs(smoke_run):
     _, layout = smoke_run
     metrics = json.loads(layout.metrics.read_text())
-    # One epoch on 2,000 images: far from good, far above chance (0.10).
+    # Three epochs on 2,000 images: far from good, far above chance (0.10).
     assert 0.45 < metrics["test_accuracy"] <= 1.0
     assert 0.0 < metrics["test_loss"] < 2.3
     assert metrics["test_size"] == 10_000
@@ -43,7 +51,7 @@ def test_metrics_json_holds_what_the_report_needs(smoke_run):
     assert all(set(v) == {"precision", "recall", "f1", "support"} for v in metrics["per_class"].values())
     assert sum(map(sum, metrics["confusion_matrix"])) == 10_000
     assert metrics["seed_comparison"]["test_accuracy"]["seed"] == 0.90
-    assert metrics["model"]["parameter_count"] == 206_026
+    assert metrics["model"]["parameters"] == 206_026
 
 
 def test_tuning_used_the_validation_split_and_training_used_its_result(smoke_run):
@@ -52,8 +60,10 @@ def test_tuning_used_the_validation_split_and_training_used_its_result(smoke_run
     assert len(trials) == 1 + 3
     best = json.loads(layout.best_hyperparameters.read_text())
     training = json.loads(layout.training_summary.read_text())
-    assert training["hyperparameters"] == best
+    source = best.pop("source")
+    assert source.startswith("this search (grid") and {key: training["recipe"][key] for key in best} == best
     assert training["hyperparameter_source"].startswith("tuning result")
+    assert training["epochs_run"] == 3 and training["resumed_at_epoch"] == 0
     assert layout.model.is_file()
 
 
@@ -117,14 +127,106 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
 def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_path):
     profile = tmp_path / "broken"
     shutil.copytree(PARAMS_DIR / "smoke", profile)
-    (profile / "03_train.yaml").write_text("epochs: 0\ntrain_subset: 200\n")
+    (profile / "03_train.yaml").write_text("recipe: {epochs: 0}\ntrain_subset: 200\n")
     with pytest.raises(
         StageFailed, match=r"stage 03_train failed in cell \d+ .*ValueError: .*epochs=0 must be positive"
     ) as error:
         run_chain(profile, tmp_path / "out", stages=("03_train",), log_output=False)
     assert "executed notebook kept" in str(error.value)
-    assert (tmp_path / "out" / "notebooks" / "03_train.ipynb").is_file()
-    assert not (tmp_path / "out" / "model" / "model.keras").exists()
+    # The failed run stays in its work directory for inspection and resumption; out/ is never written.
+    assert (tmp_path / ".out.run" / "notebooks" / "03_train.ipynb").is_file()
+    assert not (tmp_path / "out").exists()
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _start(arguments: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "fmnist", "run", *arguments, "--quiet"]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _kill_when(process: subprocess.Popen, condition, timeout: float = 600.0) -> None:
+    """kill -9 the run and its kernels (its process group) as soon as ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting to kill the run")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _finished_trials(work: Path) -> int:
+    # keras-tuner writes trial.json in place: read it as text, which a half-written file cannot fool.
+    return sum(
+        '"status": "COMPLETED"' in path.read_text()
+        for path in work.glob("tuning/keras_tuner/search_*/trial_*/trial.json")
+    )
+
+
+def test_kill_9_mid_trial_and_mid_epoch_leaves_out_untouched_and_resumes_to_the_same_model(smoke_run, tmp_path):
+    """kill -9 during 02_tune (after one trial) and during 03_train (after one epoch); the resumed run
+    ends with exactly the uninterrupted run's trials and model, and out/ never changes until then."""
+    import numpy as np
+
+    from fmnist import data, training
+
+    _, reference = smoke_run
+    profile = tmp_path / "profile"  # A profile of its own: the published set below is another profile's.
+    shutil.copytree(PARAMS_DIR / "smoke", profile)
+    out = tmp_path / "published"
+    shutil.copytree(reference.root, out)
+    before = _tree_digest(out)
+    work = tmp_path / ".published.run"
+    arguments = ["--params", str(profile), "--out", str(out), "--stage", "02_tune", "--stage", "03_train"]
+
+    _kill_when(_start(arguments), lambda: _finished_trials(work) >= 1)
+    done_at_kill = _finished_trials(work)
+    assert 1 <= done_at_kill < 3 and _tree_digest(out) == before
+
+    checkpoint = work / "model" / "checkpoint" / "state.json"
+    resumed = _start(arguments)
+    _kill_when(resumed, checkpoint.is_file)
+    log = resumed.stdout.read()
+    assert f"resuming: {done_at_kill} finished trial(s) kept" in log, log
+    assert json.loads(checkpoint.read_text())["epochs_done"] < 3 and _tree_digest(out) == before
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "fmnist", "run", *arguments, "--quiet"], capture_output=True, text=True, timeout=900
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "02_tune: current" in finished.stderr
+    assert "resuming: 1 epoch(s) done in its checkpoint" in finished.stderr or "resuming: 2 epoch(s)" in finished.stderr
+    layout = ArtifactLayout(out)
+    # Every trial ran to completion exactly once, with the uninterrupted run's results.
+    assert len(list(out.glob("tuning/keras_tuner/search_*/trial_*"))) == 3
+    results = ["trial", "learning_rate", "batch_size", "dropout_rate", "epochs_run", "val_loss", "val_accuracy"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(layout.tuning_trials)[results], pd.read_csv(reference.tuning_trials)[results]
+    )
+    summary = json.loads(layout.training_summary.read_text())
+    assert summary["resumed_at_epoch"] >= 1
+    assert summary["validation"] == json.loads(reference.training_summary.read_text())["validation"]
+    resumed_model, uninterrupted = training.load_model(layout.model), training.load_model(reference.model)
+    for mine, theirs in zip(resumed_model.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    test = data.load_fashion_mnist()
+    accuracy = [
+        float((m.predict(test.x_test, verbose=0).argmax(1) == test.y_test).mean())
+        for m in (resumed_model, uninterrupted)
+    ]
+    assert accuracy[0] == accuracy[1]
+    assert not work.exists()  # Published: the work directory became out/.
 
 
 def test_cli_rejects_a_mistyped_key_before_any_compute(tmp_path, capsys):
@@ -159,3 +261,65 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
     run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), log_output=False)
     assert before == {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
+
+
+def test_the_report_refuses_artifacts_of_different_runs(smoke_run, tmp_path, capsys):
+    _, reference = smoke_run
+    mixed = tmp_path / "mixed"
+    shutil.copytree(reference.root, mixed)
+    # As if another run's training had written its summary here.
+    summary = json.loads((mixed / "model" / "training.json").read_text())
+    summary["epochs_run"] = 99
+    (mixed / "model" / "training.json").write_text(json.dumps(summary))
+    before = _tree_digest(mixed)
+    arguments = ["run", "--params", str(PARAMS_DIR / "smoke"), "--out", str(mixed), "--stage", "report", "--quiet"]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "mixes artifacts of different runs" in error
+    assert "model/training.json is not the file 03_train wrote" in error
+    assert _tree_digest(mixed) == before
+
+
+def test_stages_from_another_profile_are_reported_as_mixed(smoke_run, tmp_path):
+    from fmnist import runs
+
+    _, reference = smoke_run
+    mixed = tmp_path / "mixed"
+    shutil.copytree(reference.root, mixed)
+    layout = ArtifactLayout(mixed)
+    assert runs.consistency_problems(layout) == []
+    manifest = json.loads(layout.stage_manifest("01_eda").read_text())
+    manifest["run"]["profile"] = "params"
+    layout.stage_manifest("01_eda").write_text(json.dumps(manifest))
+    problems = runs.consistency_problems(layout)
+    assert len(problems) == 1 and problems[0].startswith("stages come from different params profiles (params: 01_eda;")
+
+
+def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(smoke_run, tmp_path):
+    _, reference = smoke_run
+    out = tmp_path / "out"
+    shutil.copytree(reference.root, out)
+    same = run_chain(PARAMS_DIR / "smoke", out, log_output=False)
+    assert same.stage_seconds == {} and same.kept == [
+        "01_eda",
+        "02_tune",
+        "03_train",
+        "04_evaluate",
+        "05_deploy",
+        "report",
+    ]
+    profile = tmp_path / "profile"
+    shutil.copytree(PARAMS_DIR / "smoke", profile)
+    (profile / "04_evaluate.yaml").write_text("misclassified_examples: 4\nconfused_pairs: 3\n")
+    # Another profile directory starts empty; the same directory with one changed file keeps the rest.
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage_manifest in (out / "manifests").glob("*.json"):
+        content = json.loads(stage_manifest.read_text())
+        content["run"]["profile"] = str(profile)
+        stage_manifest.write_text(json.dumps(content))
+    manifest["params_profile"] = str(profile)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    changed = run_chain(profile, out, log_output=False)
+    assert list(changed.stage_seconds) == ["04_evaluate", "report"]
+    assert changed.kept == ["01_eda", "02_tune", "03_train", "05_deploy"]
+    assert json.loads((out / "manifests" / "04_evaluate.json").read_text())["parameters"]["misclassified_examples"] == 4

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 
 from fmnist.config import ALL_STAGES, PARAMS_DIR, REPORTS_DIR
@@ -13,13 +15,23 @@ def _run(arguments: argparse.Namespace) -> int:
     from fmnist.pipeline import StageFailed, run_chain
 
     try:
-        result = run_chain(arguments.params, arguments.out, stages=arguments.stage, log_output=not arguments.quiet)
+        result = run_chain(
+            arguments.params,
+            arguments.out,
+            stages=arguments.stage,
+            log_output=not arguments.quiet,
+            fresh=arguments.fresh,
+        )
     except (ParamsError, StageFailed, FileNotFoundError, ValueError) as error:
         print(f"fmnist run: error: {error}", file=sys.stderr)
+        if isinstance(error, StageFailed):
+            print("fmnist run: the output directory is unchanged; rerun the same command to resume.", file=sys.stderr)
         return 1
     total = sum(result.stage_seconds.values())
-    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.stage_seconds.items())
-    print(f"fmnist run: done in {total:.0f} s ({timings}); artifacts in {result.out_dir}")
+    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.stage_seconds.items()) or "none"
+    kept = f"; kept as current: {', '.join(result.kept)}" if result.kept else ""
+    print(f"fmnist run: run {result.run_id} done in {total:.0f} s (ran: {timings}{kept})")
+    print(f"fmnist run: artifacts in {result.out_dir}")
     if result.report:
         print(f"fmnist run: report at {result.report}")
     return 0
@@ -136,6 +148,25 @@ def _latency(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_worker(arguments: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from fmnist.tuning import worker_environment
+
+    # TensorFlow sizes its thread pools when it starts: set them before fmnist.tuning imports it.
+    for name, value in worker_environment(arguments.threads).items():
+        os.environ.setdefault(name, value)
+    from fmnist import tuning
+    from fmnist.data import DataError
+
+    try:
+        return tuning.run_worker(arguments.oracle, arguments.id, Path(arguments.directory), arguments.data_dir)
+    except (RuntimeError, ValueError, DataError) as error:
+        print(f"fmnist tune-worker: error: {error}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(06_experiments, hours of training, runs only when named)",
     )
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage from scratch (default: keep current stages, resume an interrupted run)",
+    )
     run.set_defaults(handler=_run)
     check = commands.add_parser("data", help="find and verify the four Fashion-MNIST files (checksums included)")
     check.add_argument("--offline", action="store_true", help="do not try the official download")
@@ -182,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
     benchmark.add_argument("--serve-model", choices=("float32", "int8"), default="int8")
     benchmark.set_defaults(handler=_bench)
+
+    worker = commands.add_parser(
+        "tune-worker",
+        help="join a distributed 02_tune search as a keras-tuner worker",
+        description="Ask the chief (`fmnist run` with `workers: N` in params/02_tune.yaml) for trials and train "
+        "them until the search is done. The machine needs the Fashion-MNIST files and the chief's commit of "
+        "fmnist; the worker checks both before it trains. Example: fmnist tune-worker --oracle 10.0.0.5:41234",
+    )
+    worker.add_argument("--oracle", required=True, help="the chief's HOST:PORT, as its log prints it")
+    worker.add_argument("--id", default=f"worker-{socket.gethostname()}-{os.getpid()}", help="this worker's name")
+    worker.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="TensorFlow threads (default: all)")
+    worker.add_argument(
+        "--directory",
+        default="build/tune-worker",
+        help="where trial checkpoints go (default: %(default)s; Hyperband needs the chief's, on a shared disk)",
+    )
+    worker.add_argument("--data-dir", help="the Fashion-MNIST files (default: the usual places, see `fmnist data`)")
+    worker.set_defaults(handler=_tune_worker)
 
     latency = commands.add_parser("latency", help="single-image LiteRT latency and size of .tflite models")
     latency.add_argument("models", nargs="+", metavar="MODEL", help=".tflite files")

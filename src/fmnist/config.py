@@ -103,8 +103,18 @@ class ArtifactLayout:
         return self.root / "tuning" / "best_hyperparameters.json"
 
     @property
+    def budget_comparison(self) -> Path:
+        """02_tune's comparison of its ranking with the seed's full-budget grid."""
+        return self.root / "tuning" / "budget_comparison.json"
+
+    @property
     def model(self) -> Path:
         return self.root / "model" / "model.keras"
+
+    @property
+    def training_checkpoint(self) -> Path:
+        """03_train's per-epoch checkpoint (removed once the model is saved)."""
+        return self.root / "model" / "checkpoint"
 
     @property
     def history(self) -> Path:

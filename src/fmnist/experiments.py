@@ -9,6 +9,8 @@ test set is evaluated once, after training, for the tables.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -19,15 +21,14 @@ import numpy as np
 
 from fmnist.io import atomic_path, read_json, write_json
 from fmnist.recipes import Recipe
-from fmnist.runtime import quiet_tensorflow, set_seed
+from fmnist.runtime import quiet_tensorflow
 
 quiet_tensorflow()
 
 import keras  # noqa: E402
 
 from fmnist import evaluation  # noqa: E402
-from fmnist.model import multiply_adds  # noqa: E402
-from fmnist.training import fit  # noqa: E402
+from fmnist.training import fit, training_code_version  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -72,29 +73,25 @@ def run_one(
     runs_dir: Path,
     models_dir: Path | None,
     representative_images: int = 500,
+    checkpoint_dir: Path | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
-    """Train and evaluate one recipe with one seed; write its result (and, if asked, its LiteRT models)."""
+    """Train and evaluate one recipe with one seed; write its result (and, if asked, its LiteRT models).
+
+    With ``checkpoint_dir`` a killed run resumes at its last complete epoch.
+    """
     from fmnist import data
 
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
-    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
+    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, checkpoint_dir=checkpoint_dir, verbose=verbose)
     validation_plain, validation_mirrored = predict(fitted.model, x_val)
     plain, mirrored = predict(fitted.model, x_test)
     result = {
-        "recipe": recipe.as_dict(),
+        **fitted.summary(recipe, len(y_train)),
         "seed": seed,
-        "parameters": int(fitted.model.count_params()),
-        "multiply_adds": multiply_adds(fitted.model),
-        "train_images": int(len(y_train)),
-        "train_seconds": round(fitted.train_seconds, 1),
-        "epochs_run": len(fitted.history["val_loss"]),
-        "best_epoch": fitted.best_epoch,
-        "validation": {
-            "accuracy": fitted.history["val_accuracy"][fitted.best_epoch - 1],
-            "loss": fitted.history["val_loss"][fitted.best_epoch - 1],
-        },
+        # Stored runs are kept while their recipe is unchanged; this says which training code made them.
+        "training_code": training_code_version(),
         # Whether flip TTA helps is read here, on validation, never from the test columns below.
         "validation_tta": {
             "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
@@ -108,6 +105,8 @@ def run_one(
     if models_dir is not None:
         result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
     write_json(run_path(runs_dir, recipe, seed), result)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
 
 
@@ -169,7 +168,10 @@ def run_all(
         progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
         started = time.perf_counter()
         exporting = models_dir if seed == first_seed[recipe.name] else None
-        result = run_one(recipe, seed, runs_dir=runs_dir, models_dir=exporting, **data_and_settings)
+        checkpoint = Path(runs_dir).parent / "checkpoints" / recipe.name / f"seed{seed}"
+        result = run_one(
+            recipe, seed, runs_dir=runs_dir, models_dir=exporting, checkpoint_dir=checkpoint, **data_and_settings
+        )
         progress(
             f"{position}/{len(plan)} {recipe.name} seed {seed}: test accuracy {result['test']['accuracy']:.4f}, "
             f"loss {result['test']['loss']:.4f} ({time.perf_counter() - started:.0f} s)"
@@ -235,49 +237,49 @@ def search_hyperparameters(
     max_epochs: int,
     seed: int,
     out_dir: Path,
+    data_checksums: dict[str, str] | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Hyperband over ``search_space`` for ``recipe`` on the validation split, or the stored result of the same search.
 
-    Writes ``search.json`` (the request, the best values, the wall time) and
-    ``search_trials.csv`` in ``out_dir``.
+    Ranked by validation accuracy, not loss: a search over label smoothing
+    would otherwise compare losses computed with different smoothing. The
+    recipe's schedule runs over ``max_epochs``, the longest any trial trains.
+    Trials run through ``fmnist.tuning.search`` (resumable; ``workers`` > 0
+    spreads them over worker processes). Writes ``search.json`` (the request,
+    the best values, the wall time) and ``search_trials.csv`` in ``out_dir``.
     """
-    from fmnist import data, tuning
+    import dataclasses
 
-    request = {
-        "recipe": recipe.as_dict(),
-        "search_space": search_space,
-        "max_epochs": max_epochs,
-        "train_subset": train_subset,
-        "validation_size": validation_size,
-        "seed": seed,
-    }
+    from fmnist import tuning
+
+    request = tuning.SearchRequest(
+        recipe=dataclasses.replace(recipe, epochs=max_epochs, patience=0).as_dict(),
+        search_space=search_space,
+        tuner="hyperband",
+        objective="val_accuracy",
+        seed=seed,
+        validation_size=validation_size,
+        train_subset=train_subset,
+        data_checksums=data_checksums or {},
+    )
     stored_path = Path(out_dir) / "search.json"
     if stored_path.is_file():
         stored = read_json(stored_path)
-        if stored["request"] == request:
+        if stored.get("request_digest") == request.digest:
             _say(f"search: the same search ran before ({stored['seconds']:.0f} s); reusing {stored['best']}")
             return stored
-    set_seed(seed)
-    x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
-    x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
-    _say(
-        f"search: Hyperband over {search_space} for {recipe.name}, up to {max_epochs} epochs on {len(y_train):,} images"
-    )
-    started = time.perf_counter()
-    best, trials = tuning.search_recipe(
-        recipe,
-        search_space,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        max_epochs=max_epochs,
-        directory=Path(out_dir) / "keras_tuner",
-        seed=seed,
-    )
-    seconds = time.perf_counter() - started
+    _say(f"search: Hyperband over {search_space} for {recipe.name}, up to {max_epochs} epochs")
+    found = tuning.search(request, x_train_full, y_train_full, directory=Path(out_dir) / "keras_tuner", workers=workers)
     with atomic_path(Path(out_dir) / "search_trials.csv") as temporary:
-        trials.to_csv(temporary, index=False)
-    result = {"request": request, "best": best, "seconds": round(seconds, 1), "trials": len(trials)}
+        found.trials.to_csv(temporary, index=False)
+    result = {
+        "request": json.loads(request.to_json()),
+        "request_digest": request.digest,
+        "best": found.best,
+        "seconds": found.stats["wall_seconds"],
+        "trials": len(found.trials),
+        "stats": found.stats,
+    }
     write_json(stored_path, result)
     return result

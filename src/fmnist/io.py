@@ -60,6 +60,13 @@ def write_text(target: str | os.PathLike[str], text: str) -> Path:
     return Path(target)
 
 
+def write_csv(target: str | os.PathLike[str], frame) -> Path:
+    """Write a pandas DataFrame as CSV (no index), atomically."""
+    with atomic_path(target) as temporary:
+        frame.to_csv(temporary, index=False)
+    return Path(target)
+
+
 def read_json(source: str | os.PathLike[str], *, produced_by: str | None = None) -> Any:
     """Read a JSON artifact; a missing one names the stage that should have written it."""
     source = Path(source)

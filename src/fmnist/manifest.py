@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -58,12 +59,45 @@ def git_state() -> dict[str, str | bool | None]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# The instruction-set extensions that decide how fast TensorFlow trains here (bf16 and AMX: 2-5x).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine() -> dict[str, object]:
+    """The CPU model, its cores and the extensions that matter: timings mean little without them."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "architecture": platform.machine(),
+        "features": [name for name in CPU_FEATURES if name in flags],
+    }
+
+
+def describe_machine(record: dict[str, object] | None = None) -> str:
+    """One line for logs and the report, e.g. "AMD EPYC, 2 cores (avx2, fma)"."""
+    record = record or machine()
+    features = ", ".join(record.get("features") or []) or "no AVX2"
+    return f"{record.get('cpu')}, {record.get('cores')} cores ({features})"
+
+
 def environment() -> dict[str, object]:
     """Everything about the machine and software that a rerun should match."""
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.machine(),
+        "machine": machine(),
         "packages": package_versions(),
         "git": git_state(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

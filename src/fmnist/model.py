@@ -15,11 +15,9 @@ from keras import layers  # noqa: E402
 SEED_PARAMETER_COUNT = 206_026
 
 
-def _check_rates(dropout_rate: float, learning_rate: float | None = None) -> None:
+def _check_rates(dropout_rate: float) -> None:
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate={dropout_rate}: must be in [0, 1).")
-    if learning_rate is not None and learning_rate <= 0:
-        raise ValueError(f"learning_rate={learning_rate}: must be positive.")
 
 
 def seed_network(dropout_rate: float = 0.5) -> keras.Model:
@@ -96,18 +94,6 @@ def build_network(architecture: str = "seed", *, dropout_rate: float = 0.5, **op
     if architecture == "bn_cnn":
         return bn_cnn_network(dropout_rate, **options)
     raise ValueError(f"architecture={architecture!r}: choose one of {', '.join(ARCHITECTURES)}.")
-
-
-def build_model(dropout_rate: float = 0.5, learning_rate: float = 1e-3) -> keras.Model:
-    """The seed's CNN compiled with Adam and sparse categorical cross-entropy (integer labels)."""
-    _check_rates(dropout_rate, learning_rate)
-    model = seed_network(dropout_rate)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
 
 
 def multiply_adds(model: keras.Model) -> int:

@@ -90,11 +90,32 @@ def load_profile(params_dir: str | Path, stages: tuple[str, ...] = ALL_STAGES) -
             if key not in known:
                 raise _unknown_key_error(path, key, known)
             _check_value(path, key, value, declared[stage][key])
-        if stage == "06_experiments":
-            try:
-                check_stage_params(path, values)
-            except ValueError as error:
-                raise ParamsError(str(error)) from error
         shared = {key: value for key, value in common.items() if key in declared[stage]}
         profile[stage] = {**shared, **values}
+    if "06_experiments" in profile:
+        path = params_dir / "06_experiments.yaml"
+        try:
+            recipes = profile["06_experiments"].get("recipes")
+            if recipes is not None:
+                train_recipe = profile.get("03_train", {}).get("recipe", declared["03_train"]["recipe"]["default"])
+                profile["06_experiments"]["recipes"] = resolve_recipe_references(recipes, train_recipe)
+            check_stage_params(path, profile["06_experiments"])
+        except ValueError as error:
+            raise ParamsError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from error
     return profile
+
+
+def resolve_recipe_references(recipes: dict[str, Any], train_recipe: Any) -> dict[str, Any]:
+    """Replace a recipe given as ``03_train`` by that stage's ``recipe`` mapping, so it is written once."""
+    import ast
+
+    if isinstance(train_recipe, str):  # papermill reports a notebook's default as its source text.
+        train_recipe = ast.literal_eval(train_recipe)
+    resolved = {}
+    for name, fields in recipes.items():
+        if isinstance(fields, str):
+            if fields != "03_train":
+                raise ValueError(f"recipe {name!r}: {fields!r} names no stage; give a mapping of fields or '03_train'.")
+            fields = dict(train_recipe)
+        resolved[name] = fields
+    return resolved

@@ -1,9 +1,11 @@
 """Run the stage notebooks in order with papermill, then render the report.
 
 Stages pass files, never kernel state: each notebook runs in a fresh kernel,
-reads what earlier stages wrote below ``out_dir`` and writes its own outputs
-there. A failing stage stops the chain, keeps its executed notebook, and is
-reported by name and cell.
+reads what earlier stages wrote and writes its own outputs beside them, in the
+run's work directory (``fmnist.runs``); the output directory receives the
+complete set only. A failing stage stops the chain, keeps its executed
+notebook in the work directory, and is reported by name and cell; rerunning the
+same command resumes there.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, REPORT_NOTEBOOK, STAGES, ArtifactLayout
+from fmnist import runs
+from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
 from fmnist.io import read_json, write_json
-from fmnist.manifest import environment
+from fmnist.manifest import describe_machine, environment
 from fmnist.params import load_profile
 from fmnist.stage import notebook_path
 
@@ -32,7 +35,9 @@ class StageFailed(RuntimeError):
 @dataclass
 class ChainResult:
     out_dir: Path
+    run_id: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
     report: Path | None = None
 
 
@@ -41,18 +46,24 @@ def _say(message: str) -> None:
 
 
 def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout, *, log_output: bool = True) -> float:
-    """Execute one notebook into ``layout.executed_notebooks``; return its wall time in seconds."""
+    """Execute one notebook into ``layout.executed_notebooks``; return its wall time in seconds.
+
+    papermill saves the notebook after every cell into a hidden file, which
+    replaces ``notebooks/<stage>.ipynb`` once the stage ends (failed stages too,
+    for inspection).
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     output = layout.executed_notebooks / f"{stage}.ipynb"
+    partial = output.with_name(f".{stage}.running.ipynb")
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
     try:
         papermill.execute_notebook(
             str(notebook_path(stage)),
-            str(output),
+            str(partial),
             parameters={**parameters, "out_dir": str(layout.root)},
             kernel_name=KERNEL_NAME,
             cwd=str(NOTEBOOKS_DIR),
@@ -61,61 +72,133 @@ def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout
             request_save_on_cell_execute=True,
         )
     except PapermillExecutionError as error:
+        os.replace(partial, output)
         raise StageFailed(
             f"stage {stage} failed in cell {error.exec_count} (index {error.cell_index}): "
             f"{error.ename}: {error.evalue}\n  executed notebook kept for inspection: {output}"
         ) from error
+    os.replace(partial, output)
     return time.perf_counter() - started
 
 
-def write_run_manifest(layout: ArtifactLayout, params_dir: Path, stage_seconds: dict[str, float]) -> Path:
-    """Merge the stages' own manifests with the runner's timings into ``manifest.json``."""
-    previous = read_json(layout.manifest) if layout.manifest.is_file() else {}
-    stages = dict(previous.get("stages", {}))
+def write_run_manifest(layout: ArtifactLayout, out_dir: Path, params_dir: Path, run_id: str) -> Path:
+    """Merge the stages' own manifests (with their run records) into ``manifest.json``."""
+    stages = {}
     for stage in ALL_STAGES:
         path = layout.stage_manifest(stage)
         if path.is_file():
             stage_manifest = read_json(path)
             stage_manifest.pop("environment", None)
-            # A stage not rerun now keeps the runner's timing from the run that produced it.
-            earlier = stages.get(stage, {})
-            if "runner_wall_time_seconds" in earlier and stage not in stage_seconds:
-                stage_manifest["runner_wall_time_seconds"] = earlier["runner_wall_time_seconds"]
+            record = stage_manifest.get(runs.RECORD_KEY) or {}
+            stage_manifest["runner_wall_time_seconds"] = record.get("runner_wall_time_seconds")
             stages[stage] = stage_manifest
-        if stage in stage_seconds:
-            stages.setdefault(stage, {})["runner_wall_time_seconds"] = round(stage_seconds[stage], 1)
     return write_json(
         layout.manifest,
-        {"params_profile": str(params_dir), "out_dir": str(layout.root), "stages": stages, **environment()},
+        {
+            "run_id": run_id,
+            "params_profile": str(params_dir),
+            "out_dir": str(out_dir),
+            "stages": stages,
+            **environment(),
+        },
     )
 
 
+def _chain(requested: tuple[str, ...] | None, out_dir: Path) -> tuple[str, ...]:
+    """The requested stages, or the default chain plus the optional stages already in the published set."""
+    if requested:
+        unknown = [stage for stage in requested if stage not in ALL_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(ALL_STAGES)}.")
+        return tuple(stage for stage in ALL_STAGES if stage in requested)
+    published = ArtifactLayout(out_dir)
+    kept = [stage for stage in OPTIONAL_STAGES if published.stage_manifest(stage).is_file()]
+    if kept:
+        _say(f"{out_dir} includes {', '.join(kept)}: kept in the chain (rerun only if its inputs changed)")
+    return (*STAGES, *kept, REPORT_NOTEBOOK)
+
+
 def run_chain(
-    params_dir: str | Path, out_dir: str | Path, *, stages: tuple[str, ...] | None = None, log_output: bool = True
+    params_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    stages: tuple[str, ...] | None = None,
+    log_output: bool = True,
+    fresh: bool = False,
 ) -> ChainResult:
-    """Validate the profile, run the chosen stages (all by default) and render the report."""
+    """Validate the profile, run the chosen stages in a work directory, publish the complete set into ``out_dir``.
+
+    Stages whose parameters, notebook, code and inputs are unchanged are kept;
+    an interrupted run of the same command resumes; ``fresh`` recomputes all.
+    """
     from fmnist.report import render_report
 
     if log_output:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    chosen = tuple(stages) if stages else (*STAGES, REPORT_NOTEBOOK)
-    unknown = [stage for stage in chosen if stage not in ALL_STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}; stages are: {', '.join(ALL_STAGES)}.")
     params_dir = Path(params_dir)
     # Every params file is checked before any stage starts computing.
     profile = load_profile(params_dir)
-    layout = ArtifactLayout(out_dir)
-    result = ChainResult(out_dir=layout.root)
+    out_dir = Path(out_dir).resolve()
+    runs.recover(out_dir)
+    chosen = _chain(tuple(stages) if stages else None, out_dir)
+    _say(f"machine: {describe_machine()}")
+    key = {
+        "profile": str(params_dir),
+        "params": runs.params_digest({s: profile[s] for s in chosen}),
+        "stages": list(chosen),
+    }
+    work = runs.open_work_dir(out_dir, key, fresh=fresh)
+    layout = ArtifactLayout(work.path)
+    result = ChainResult(out_dir=out_dir, run_id=work.run_id)
     for position, stage in enumerate(chosen, start=1):
-        _say(f"stage {position}/{len(chosen)}: {stage} (params {params_dir}/{stage}.yaml) ...")
+        identity = runs.StageIdentity(
+            params=runs.params_digest(profile[stage]), notebook=runs.notebook_digest(notebook_path(stage)), code={}
+        )
+        reason = runs.why_not_current(layout, stage, identity)
+        header = f"stage {position}/{len(chosen)}: {stage}"
+        if reason is None:
+            record = runs.read_record(layout, stage)
+            _say(f"{header}: current (same parameters, code and inputs; run {record['run_id']}), kept")
+            result.kept.append(stage)
+            continue
+        note = runs.progress_note(layout, stage)
+        _say(f"{header} (params {params_dir}/{stage}.yaml): runs, {reason}" + (f"; resuming: {note}" if note else ""))
+        previous = runs.read_record(layout, stage)
+        for name in (previous or {}).get("outputs", {}):
+            if name.startswith("figures/"):
+                (layout.root / name).unlink(missing_ok=True)
+        layout.stage_manifest(stage).unlink(missing_ok=True)
+        before = runs.snapshot(layout.root)
         if stage == REPORT_NOTEBOOK:
-            write_run_manifest(layout, params_dir, result.stage_seconds)
+            runs.check_consistent(layout)
+            write_run_manifest(layout, out_dir, params_dir, work.run_id)
         seconds = execute_stage(stage, profile[stage], layout, log_output=log_output)
+        if stage == REPORT_NOTEBOOK:
+            render_report(layout)
+        stage_manifest = read_json(layout.stage_manifest(stage))
+        identity.code = runs.code_digests(stage_manifest.get("code_modules", []))
+        runs.write_record(
+            layout,
+            stage,
+            run_id=work.run_id,
+            profile=str(params_dir),
+            identity=identity,
+            inputs=runs.stage_inputs(layout.root, stage),
+            outputs=runs.stage_outputs(layout.root, stage, before),
+            seconds=seconds,
+        )
         result.stage_seconds[stage] = seconds
         _say(f"stage {stage} done in {seconds:.0f} s")
-    write_run_manifest(layout, params_dir, result.stage_seconds)
+    if not result.stage_seconds and not work.resumed and (out_dir / "manifest.json").is_file():
+        runs.discard(work.path)
+        result.run_id = read_json(out_dir / "manifest.json").get("run_id", "")
+        _say(f"every stage is current: {out_dir} is unchanged (run {result.run_id}); --fresh recomputes all")
+        result.report = ArtifactLayout(out_dir).report if REPORT_NOTEBOOK in chosen else None
+        return result
+    write_run_manifest(layout, out_dir, params_dir, work.run_id)
+    runs.check_consistent(layout)
+    runs.publish(work.path, out_dir)
     if REPORT_NOTEBOOK in chosen:
-        result.report = render_report(layout)
-        _say(f"report: {result.report}")
+        result.report = ArtifactLayout(out_dir).report
+    _say(f"run {work.run_id} published in {out_dir}")
     return result

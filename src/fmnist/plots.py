@@ -268,3 +268,39 @@ def ablation(rows: list[dict]) -> plt.Figure:
     axis.set_title("Ablation: what each ingredient adds")
     figure.tight_layout()
     return figure
+
+
+def budget_ranking(comparison: dict) -> plt.Figure:
+    """Each grid point's validation loss after the cheap budget against the seed's full budget."""
+    objective = comparison["objective"]
+    table = comparison["table"]
+    figure, axis = plt.subplots(figsize=(7, 5))
+    cheap = [row[f"{objective}_cheap"] for row in table]
+    full = [row[f"{objective}_full"] for row in table]
+    colours = [row["learning_rate"] for row in table]
+    scatter = axis.scatter(cheap, full, c=np.log10(colours), cmap="viridis", s=50, edgecolor="black", linewidth=0.5)
+    figure.colorbar(scatter, ax=axis, label="log10 learning rate")
+    marked = [
+        ("full-budget winner", comparison["full_winner"], "red"),
+        ("cheap winner", comparison["cheap_winner"], "orange"),
+    ]
+    if comparison.get("seed_point"):
+        marked.append(("the seed's choice", comparison["seed_point"], "magenta"))
+    for label, row, colour in marked:
+        axis.scatter(
+            row[f"{objective}_cheap"],
+            row[f"{objective}_full"],
+            s=220,
+            facecolor="none",
+            edgecolor=colour,
+            linewidth=2,
+            label=label,
+        )
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel(f"{objective}, cheap budget (02_tune)")
+    axis.set_ylabel(f"{objective}, the seed's budget (10 epochs, 54,000 images)")
+    axis.set_title(f"Same grid, two budgets: Spearman rho = {comparison['spearman_rho']:.2f}")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    return figure

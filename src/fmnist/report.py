@@ -9,6 +9,7 @@ import pandas as pd
 
 from fmnist.config import ALL_STAGES, BENCHMARK_URL, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
 from fmnist.io import read_json, write_text
+from fmnist.manifest import describe_machine
 from fmnist.results import ROLE_LABELS
 
 # Which stage writes which figure, so a missing one says what to run.
@@ -18,6 +19,7 @@ FIGURE_STAGES = {
     "mean_images": "01_eda",
     "intensity_distribution": "01_eda",
     "tuning_trials": "02_tune",
+    "budget_ranking": "02_tune",
     "learning_curves": "03_train",
     "confusion_matrix": "04_evaluate",
     "per_class_metrics": "04_evaluate",
@@ -55,20 +57,25 @@ def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> 
     else:
         lines.append("*No evaluation yet: run stage `04_evaluate`.*")
     if training:
-        hp = training["hyperparameters"]
+        recipe = training["recipe"]
         lines.append(
-            f"The seed's architecture ({training['parameter_count']:,} parameters), Adam with learning rate "
-            f"{hp['learning_rate']:g}, batch size {hp['batch_size']} and dropout {hp['dropout_rate']:g} "
+            f"The seed's architecture ({training['parameters']:,} parameters), Adam with learning rate "
+            f"{recipe['learning_rate']:g}, batch size {recipe['batch_size']} and dropout {recipe['dropout_rate']:g} "
             f"({training['hyperparameter_source']}), trained for {training['epochs_run']} epochs, "
             f"weights from epoch {training['best_epoch']}."
         )
     stages = manifest.get("stages", {})
-    total = sum(entry.get("runner_wall_time_seconds", entry.get("wall_time_seconds", 0)) for entry in stages.values())
+    study = [stage for stage in STAGES if stage in stages]
+    total = sum(
+        stages[stage].get("runner_wall_time_seconds") or stages[stage].get("wall_time_seconds", 0) for stage in study
+    )
     git = manifest.get("git", {})
     if total:
         lines.append(
-            f"Whole study: {total / 60:.1f} min of wall time on {manifest.get('processor', '?')} "
-            f"(params `{manifest.get('params_profile')}`, commit `{str(git.get('commit'))[:10]}`)."
+            f"Study (stages {study[0]} to {study[-1]}): {total / 60:.1f} min of wall time on "
+            f"{describe_machine(manifest.get('machine') or {'cpu': manifest.get('processor', '?')})}; "
+            f"run `{manifest.get('run_id', '?')}`, params `{manifest.get('params_profile')}`, "
+            f"commit `{str(git.get('commit'))[:10]}`."
         )
     return "\n".join(lines)
 
@@ -76,16 +83,21 @@ def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> 
 def training_block(training: dict | None) -> str:
     if not training:
         return "*No training summary: run stage `03_train`.*"
-    hp = training["hyperparameters"]
+    recipe = training["recipe"]
+    resumed = (
+        f" (resumed at epoch {training['resumed_at_epoch'] + 1} after an interruption)"
+        if training.get("resumed_at_epoch")
+        else ""
+    )
     return (
-        f"- Hyperparameters: learning rate **{hp['learning_rate']:g}**, batch size **{hp['batch_size']}**, "
-        f"dropout **{hp['dropout_rate']:g}**, from the {training['hyperparameter_source']}.\n"
+        f"- Hyperparameters: learning rate **{recipe['learning_rate']:g}**, batch size **{recipe['batch_size']}**, "
+        f"dropout **{recipe['dropout_rate']:g}**, from the {training['hyperparameter_source']}.\n"
         "- The seed contradicts itself: its tuning picks learning rate 1e-3 / batch 64 while its training section "
         "says 0.01 / batch 32. This study trains with the tuned values.\n"
-        f"- {training['epochs_run']} epochs run on {training['training_images']:,} images in "
-        f"{training['training_seconds']:.0f} s; early stopping (validation loss) restored epoch "
-        f"**{training['best_epoch']}** (validation accuracy {training['best_val_accuracy']:.4f}, "
-        f"loss {training['best_val_loss']:.4f})."
+        f"- {training['epochs_run']} epochs run on {training['train_images']:,} images in "
+        f"{training['train_seconds']:.0f} s{resumed}; early stopping (validation loss) kept epoch "
+        f"**{training['best_epoch']}** (validation accuracy {training['validation']['accuracy']:.4f}, "
+        f"loss {training['validation']['loss']:.4f})."
     )
 
 
@@ -113,6 +125,43 @@ def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
         f"dropout {{0.1, 0.3, 0.5}}; {budget}. Best: learning rate **{best['learning_rate']:g}**, batch size "
         f"**{best['batch_size']}**, dropout **{best['dropout_rate']:g}**."
     )
+
+
+def _point(row: dict) -> str:
+    return f"learning rate {row['learning_rate']:g}, batch {row['batch_size']}, dropout {row['dropout_rate']:g}"
+
+
+def budget_block(comparison: dict | None) -> str:
+    """Which point wins at the seed's own budget, where the seed's choice ranks, what the cheap budget sees."""
+    if not comparison:
+        return (
+            "*Not compared: the seed's grid at its own budget has not been run and published "
+            "(`make seed-budget`, hours; `full_budget_run` in params/02_tune.yaml names it).*"
+        )
+    full, cheap, seed = comparison["full_winner"], comparison["cheap_winner"], comparison.get("seed_point")
+    points = comparison["points"]
+    lines = [
+        f"The same {points}-point grid trained at the seed's budget (up to 10 epochs, early stopping with "
+        "patience 3, all 54,000 training images), ranked by validation loss:",
+        "",
+        f"- **Winner at the full budget:** {_point(full)}: validation loss {full['val_loss_full']:.4f}, "
+        f"accuracy {full['val_accuracy_full']:.4f} (best epoch {full['best_epoch_full']}). "
+        f"The cheap search ranked it {full['rank_cheap']} of {points}. **The study trains with it.**",
+    ]
+    if seed:
+        lines.append(
+            f"- **The seed's choice** ({_point(seed)}) ranks **{seed['rank_full']} of {points}** at its own "
+            f"budget (validation loss {seed['val_loss_full']:.4f}) and {seed['rank_cheap']} on the cheap one."
+        )
+    lines += [
+        f"- **The cheap winner** ({_point(cheap)}) ranks {cheap['rank_full']} of {points} at the full budget.",
+        f"- **Agreement of the two rankings:** Spearman's rho = {comparison['spearman_rho']:.2f} "
+        f"(p = {comparison['spearman_p']:.2g}); {comparison['top5_overlap']} of the 5 best points are shared.",
+        "",
+        "The cheap budget separates the learning rates (1e-5 barely moves in two short epochs) but cannot see "
+        "what dropout and smaller batches buy once training runs long enough to over-fit; the full budget can.",
+    ]
+    return "\n".join(lines)
 
 
 def data_block(summary: dict | None) -> str:
@@ -264,10 +313,12 @@ def stage_table(manifest: dict[str, Any]) -> pd.DataFrame:
         if not entry:
             continue
         parameters = {k: v for k, v in entry.get("parameters", {}).items() if k != "out_dir"}
+        record = entry.get("run") or {}
         rows.append(
             {
                 "stage": stage,
-                "wall time (s)": entry.get("runner_wall_time_seconds", entry.get("wall_time_seconds")),
+                "run": record.get("run_id", "?"),
+                "wall time (s)": entry.get("runner_wall_time_seconds") or entry.get("wall_time_seconds"),
                 "parameters": ", ".join(f"{k}={v}" for k, v in parameters.items()),
             }
         )
@@ -287,7 +338,9 @@ def checksum_table(manifest: dict[str, Any]) -> pd.DataFrame:
 def environment_table(manifest: dict[str, Any]) -> pd.DataFrame:
     git = manifest.get("git", {})
     rows = {
+        "run id": manifest.get("run_id"),
         "git commit": f"{git.get('commit')}{' (with uncommitted changes)' if git.get('dirty') else ''}",
+        "machine": describe_machine(manifest["machine"]) if manifest.get("machine") else manifest.get("processor"),
         "python": manifest.get("python"),
         "platform": manifest.get("platform"),
         "params profile": manifest.get("params_profile"),

@@ -228,3 +228,56 @@ def contradiction(rows: list[dict[str, Any]], *, stated: str, tuned: str) -> dic
         "tuned_loss": b["test_loss_mean"],
         "accuracy_difference": b["test_accuracy_mean"] - a["test_accuracy_mean"],
     }
+
+
+# The seed's "best hyperparameters", as a point of the grid.
+SEED_POINT = {"learning_rate": 1e-3, "batch_size": 64, "dropout_rate": 0.5}
+GRID_FIELDS = tuple(SEED_POINT)
+
+
+def budget_comparison(cheap, full, objective: str = "val_loss") -> dict[str, Any]:
+    """What the cheap search saw against the seed's own budget, on the points both trained.
+
+    ``cheap`` and ``full`` are trial tables (fmnist.tuning.trial_table). Ranks
+    are 1 for the best; Spearman's rho compares the two rankings.
+    """
+    from scipy.stats import spearmanr
+
+    ascending = objective == "val_loss"
+    keys = list(GRID_FIELDS)
+    merged = cheap[[*keys, objective]].merge(
+        full[[*keys, objective, "best_epoch", "val_accuracy"]], on=keys, suffixes=("_cheap", "_full")
+    )
+    if len(merged) < 3:
+        raise ValueError(f"only {len(merged)} grid points in both searches; a ranking needs at least 3.")
+    merged["rank_cheap"] = merged[f"{objective}_cheap"].rank(ascending=ascending, method="min").astype(int)
+    merged["rank_full"] = merged[f"{objective}_full"].rank(ascending=ascending, method="min").astype(int)
+    merged = merged.sort_values("rank_full").reset_index(drop=True)
+    rho, p_value = spearmanr(merged["rank_cheap"], merged["rank_full"])
+
+    def point(row) -> dict[str, Any]:
+        return {
+            **{key: type(SEED_POINT[key])(row[key]) for key in keys},
+            "rank_cheap": int(row["rank_cheap"]),
+            "rank_full": int(row["rank_full"]),
+            f"{objective}_cheap": float(row[f"{objective}_cheap"]),
+            f"{objective}_full": float(row[f"{objective}_full"]),
+            "val_accuracy_full": float(row["val_accuracy"]),
+            "best_epoch_full": int(row["best_epoch"]),
+        }
+
+    seed_rows = merged[np.all([np.isclose(merged[key], value) for key, value in SEED_POINT.items()], axis=0)]
+    cheap_winner = merged.loc[merged["rank_cheap"].idxmin()]
+    top = 5
+    overlap = len(set(merged.nsmallest(top, "rank_cheap").index) & set(merged.nsmallest(top, "rank_full").index))
+    return {
+        "objective": objective,
+        "points": len(merged),
+        "full_winner": point(merged.iloc[0]),
+        "cheap_winner": point(cheap_winner),
+        "seed_point": point(seed_rows.iloc[0]) if len(seed_rows) else None,
+        "spearman_rho": float(rho),
+        "spearman_p": float(p_value),
+        "top5_overlap": overlap,
+        "table": [point(row) for _, row in merged.iterrows()],
+    }

@@ -9,6 +9,7 @@ stage's manifest.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,20 @@ class StageRun:
         """Add facts (data checksums, chosen hyperparameters, ...) to this stage's manifest."""
         self.records.update(values)
 
+    def external_input(self, path: str) -> Path | None:
+        """A file outside this run that the stage reads (relative paths from the project root).
+
+        Its digest goes into the stage's manifest, so the stage reruns when the
+        file changes. Returns the resolved path, or None when it does not exist.
+        """
+        from fmnist.config import PROJECT_ROOT
+        from fmnist.runs import file_digest
+
+        resolved = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+        digest = file_digest(resolved) if resolved.is_file() else None
+        self.records.setdefault("external_inputs", {})[str(resolved)] = digest
+        return resolved if digest else None
+
     def save_figure(self, figure, name: str) -> None:
         """Store a figure as ``figures/<name>.png`` for the report; the notebook shows it inline."""
         from fmnist.plots import save_figure
@@ -61,6 +76,8 @@ class StageRun:
             "parameters": self.params,
             "wall_time_seconds": round(time.perf_counter() - self.started, 2),
             **self.records,
+            # The fmnist modules this stage ran: a change to any of them makes the stage rerun.
+            "code_modules": sorted(name for name in sys.modules if name == "fmnist" or name.startswith("fmnist.")),
             "environment": environment(),
         }
         write_json(self.layout.stage_manifest(self.name), manifest)

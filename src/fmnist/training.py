@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fmnist.config import NUM_CLASSES, SEED_HYPERPARAMETERS
-from fmnist.io import atomic_path, read_json
+from fmnist.config import IMAGE_SIZE, NUM_CLASSES, SEED_HYPERPARAMETERS
+from fmnist.io import atomic_path, read_json, write_json
 from fmnist.recipes import Recipe
 from fmnist.runtime import quiet_tensorflow, set_seed
 
@@ -17,9 +23,20 @@ quiet_tensorflow()
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
 
-from fmnist.model import build_network  # noqa: E402
+from fmnist.model import build_network, multiply_adds  # noqa: E402
+
+
+def study_recipe(fields: dict[str, Any], best_hyperparameters_file: Path, name: str = "study") -> tuple[Recipe, str]:
+    """The recipe a params mapping describes; with ``tuned: true`` it takes 02_tune's values (or the seed's).
+
+    Returns the recipe and where its learning rate, batch size and dropout came from.
+    """
+    recipe = Recipe.from_params(name, fields)
+    if not recipe.tuned:
+        return recipe, "the recipe's own values"
+    values, source = choose_hyperparameters(best_hyperparameters_file)
+    return recipe.with_hyperparameters(values), source
 
 
 def choose_hyperparameters(best_hyperparameters_file: Path) -> tuple[dict[str, float | int], str]:
@@ -29,6 +46,7 @@ def choose_hyperparameters(best_hyperparameters_file: Path) -> tuple[dict[str, f
     """
     if best_hyperparameters_file.is_file():
         values = read_json(best_hyperparameters_file)
+        source = values.pop("source", "")
         unknown = set(values) - set(SEED_HYPERPARAMETERS)
         missing = set(SEED_HYPERPARAMETERS) - set(values)
         if unknown or missing:
@@ -36,7 +54,8 @@ def choose_hyperparameters(best_hyperparameters_file: Path) -> tuple[dict[str, f
                 f"{best_hyperparameters_file}: expected keys {sorted(SEED_HYPERPARAMETERS)}, "
                 f"missing {sorted(missing)}, unknown {sorted(unknown)}. Rerun the 02_tune stage."
             )
-        return values, f"tuning result ({best_hyperparameters_file.name})"
+        where = f"tuning result ({best_hyperparameters_file.name}" + (f": {source})" if source else ")")
+        return values, where
     return dict(SEED_HYPERPARAMETERS), "fallback: the seed's selected values (no tuning result found)"
 
 
@@ -51,23 +70,62 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._started
 
 
-def augmenter(recipe: Recipe, seed: int) -> keras.Sequential | None:
-    """The recipe's training-time augmentation as Keras preprocessing layers (None when it has none)."""
-    steps = []
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Batches in one pass over ``images`` training images (the last one may be smaller)."""
+    return int(np.ceil(images / batch_size))
+
+
+def augment_batch(images: tf.Tensor, recipe: Recipe, seed: tf.Tensor) -> tf.Tensor:
+    """The recipe's training-time augmentation of one batch, vectorised and stateless.
+
+    ``seed`` is a pair of integers (the run's seed and the global step): the
+    same pair always gives the same augmentation, so a resumed training sees
+    exactly the batches an uninterrupted one would have seen.
+    """
+    count = tf.shape(images)[0]
+    size = IMAGE_SIZE
+
+    def draw(offset: int, shape, low=0.0, high=1.0, dtype=tf.float32):
+        pair = tf.stack([seed[0] * 8 + offset, seed[1]])
+        if dtype == tf.int32:
+            return tf.random.stateless_uniform(shape, pair, minval=low, maxval=high, dtype=tf.int32)
+        return tf.random.stateless_uniform(shape, pair, minval=low, maxval=high)
+
     if recipe.horizontal_flip:
-        steps.append(layers.RandomFlip("horizontal", seed=seed))
+        mirror = draw(1, [count, 1, 1, 1]) < 0.5
+        images = tf.where(mirror, tf.reverse(images, axis=[2]), images)
     if recipe.shift_pixels:
-        factor = recipe.shift_pixels / 28
-        # Nearest-pixel shifts: bilinear interpolation of fractional shifts would blur the training
-        # images, which the sharp test images never are.
-        steps.append(
-            layers.RandomTranslation(
-                factor, factor, fill_mode="constant", fill_value=0.0, interpolation="nearest", seed=seed + 1
-            )
-        )
+        # Whole-pixel shifts with black fill: pad, then cut a 28x28 window at a random offset per image.
+        # Interpolated shifts would blur the training images, which the sharp test images never are.
+        pad = recipe.shift_pixels
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        offsets = draw(2, [count, 2], 0, 2 * pad + 1, tf.int32)
+        window = tf.range(size)[tf.newaxis, :]
+        rows = offsets[:, :1] + window
+        columns = offsets[:, 1:] + window
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, columns, axis=2, batch_dims=1)
     if recipe.erasing:
-        steps.append(layers.RandomErasing(factor=recipe.erasing, value_range=(0, 1), fill_value=0.0, seed=seed + 2))
-    return keras.Sequential(steps, name="augmentation") if steps else None
+        # Random erasing (Zhong et al.): with probability `erasing`, black out a rectangle covering
+        # 2-33 % of the image with an aspect ratio between 0.3 and 3.3.
+        area = draw(3, [count]) * 0.31 + 0.02
+        log_ratio = draw(4, [count], np.log(0.3), np.log(3.3))
+        ratio = tf.exp(log_ratio)
+        height = tf.clip_by_value(tf.round(tf.sqrt(area * size * size * ratio)), 1, size)
+        width = tf.clip_by_value(tf.round(tf.sqrt(area * size * size / ratio)), 1, size)
+        top = tf.floor(draw(5, [count]) * (size - height + 1))
+        left = tf.floor(draw(6, [count]) * (size - width + 1))
+        erase = draw(7, [count]) < recipe.erasing
+        position = tf.cast(tf.range(size), tf.float32)
+        inside_rows = (position[tf.newaxis, :] >= top[:, tf.newaxis]) & (
+            position[tf.newaxis, :] < (top + height)[:, tf.newaxis]
+        )
+        inside_columns = (position[tf.newaxis, :] >= left[:, tf.newaxis]) & (
+            position[tf.newaxis, :] < (left + width)[:, tf.newaxis]
+        )
+        mask = inside_rows[:, :, tf.newaxis] & inside_columns[:, tf.newaxis, :] & erase[:, tf.newaxis, tf.newaxis]
+        images = tf.where(mask[..., tf.newaxis], tf.zeros_like(images), images)
+    return images
 
 
 def one_hot(labels: np.ndarray) -> np.ndarray:
@@ -75,15 +133,37 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
 
 
-def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> tf.data.Dataset:
-    """Shuffled, batched, augmented (if the recipe says so) one-hot training data."""
-    targets = one_hot(y)
-    dataset = tf.data.Dataset.from_tensor_slices((x, targets))
-    dataset = dataset.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).batch(recipe.batch_size)
-    augment = augmenter(recipe, seed)
-    if augment is not None:
-        dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+def epoch_orders(images: int, epochs: int, seed: int) -> np.ndarray:
+    """The order in which each epoch visits the training images: one seeded permutation per epoch."""
+    return np.stack([np.random.default_rng([seed, epoch]).permutation(images) for epoch in range(epochs)])
+
+
+def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, first_epoch: int = 0) -> tf.data.Dataset:
+    """Shuffled, batched, augmented (if the recipe says so) one-hot training data for epochs ``first_epoch`` on.
+
+    Every batch is a pure function of (seed, epoch, step): each epoch's order is
+    a permutation drawn from (seed, epoch), and each batch's augmentation from
+    (seed, global step). A training resumed at epoch k therefore sees the same
+    batches as one that never stopped. Pass ``steps_per_epoch`` to ``fit``.
+    """
+    if not 0 <= first_epoch < recipe.epochs:
+        raise ValueError(f"first_epoch={first_epoch}: must be in [0, {recipe.epochs}).")
+    steps = steps_per_epoch(len(y), recipe.batch_size)
+    orders = tf.constant(epoch_orders(len(y), recipe.epochs, seed), dtype=tf.int32)
+    images, targets = tf.constant(x), tf.constant(one_hot(y))
+    batch_size, total = recipe.batch_size, len(y)
+
+    def batch(step):
+        epoch, position = step // steps, step % steps
+        start = tf.cast(position * batch_size, tf.int32)
+        chosen = orders[tf.cast(epoch, tf.int32), start : tf.minimum(start + batch_size, total)]
+        batch_images = tf.gather(images, chosen)
+        if recipe.augments:
+            batch_images = augment_batch(batch_images, recipe, tf.stack([tf.cast(seed, tf.int64), step]))
+        return batch_images, tf.gather(targets, chosen)
+
+    dataset = tf.data.Dataset.range(first_epoch * steps, recipe.epochs * steps)
+    return dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
@@ -100,73 +180,292 @@ def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
     return model
 
 
+def build(recipe: Recipe, train_images: int, seed: int) -> keras.Model:
+    """Seed every random source, then build and compile the recipe's network (the weights depend on ``seed``)."""
+    set_seed(seed)
+    return compiled_network(recipe, steps_per_epoch(train_images, recipe.batch_size))
+
+
 @dataclass
 class Fitted:
     model: keras.Model
     history: dict[str, list[float]]
-    best_epoch: int
+    best_epoch: int  # 1-based: the epoch whose weights the model holds.
     train_seconds: float
+    resumed_at: int = 0  # Epochs that were already done in a checkpoint when this fit started.
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history["val_loss"])
+
+    def best(self, metric: str) -> float:
+        return self.history[metric][self.best_epoch - 1]
+
+    def summary(self, recipe: Recipe, train_images: int) -> dict[str, Any]:
+        """What a trained model is and how it got there: the study's training.json and each experiment run."""
+        return {
+            "recipe": recipe.as_dict(),
+            "parameters": int(self.model.count_params()),
+            "multiply_adds": multiply_adds(self.model),
+            "train_images": int(train_images),
+            "train_seconds": round(self.train_seconds, 1),
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "resumed_at_epoch": self.resumed_at,
+            "validation": {"accuracy": self.best("val_accuracy"), "loss": self.best("val_loss")},
+        }
 
 
-def fit(recipe: Recipe, x_train, y_train, x_val, y_val, *, seed: int, verbose: int = 2) -> Fitted:
-    """Train one recipe; validation data drives early stopping (when ``patience`` > 0) and nothing else."""
-    set_seed(seed)
-    steps_per_epoch = int(np.ceil(len(y_train) / recipe.batch_size))
-    model = compiled_network(recipe, steps_per_epoch)
-    callbacks: list[keras.callbacks.Callback] = [EpochTimer()]
-    if recipe.patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.patience, restore_best_weights=True)
-        )
-    validation = (x_val, one_hot(y_val))
-    started = time.perf_counter()
-    history = model.fit(
-        training_dataset(x_train, y_train, recipe, seed),
-        epochs=recipe.epochs,
-        validation_data=validation,
-        callbacks=callbacks,
-        shuffle=False,  # The dataset shuffles itself, with the run's seed.
-        verbose=verbose,
-    )
-    seconds = time.perf_counter() - started
-    values = {name: [float(v) for v in series] for name, series in history.history.items()}
-    epochs_run = len(values["val_loss"])
-    best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
-    return Fitted(model, values, best_epoch, seconds)
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, store what a resumed fit needs to continue exactly where this one is.
+
+    That is every variable of the model and its optimizer (the weights, Adam's
+    moments and step count, the dropout layers' random-generator states), the
+    early-stopping state with its best weights, and the history so far. The
+    state file is replaced last and atomically, so a kill at any moment leaves
+    the previous complete epoch.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, directory: Path, request: str, early_stopping: keras.callbacks.EarlyStopping | None):
+        super().__init__()
+        self.directory, self.request, self.early_stopping = Path(directory), request, early_stopping
+        self.history: dict[str, list[float]] = {}
+        self.restored: dict[str, Any] | None = None
+
+    def load(self, model: keras.Model) -> dict[str, Any] | None:
+        """Restore ``model`` from the last complete epoch of the same request; None when there is none."""
+        state_path = self.directory / self.STATE
+        if not state_path.is_file():
+            return None
+        state = read_json(state_path)
+        if state.get("request") != self.request:
+            _say(f"checkpoint in {self.directory} is for other settings or code; starting fresh")
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return None
+        with np.load(self.directory / state["variables"]) as stored:
+            values = [stored[f"v{index}"] for index in range(len(stored.files))]
+        model.optimizer.build(model.trainable_variables)
+        variables = [*model.variables, *model.optimizer.variables]
+        if len(values) != len(variables):
+            raise RuntimeError(
+                f"{self.directory}: checkpoint holds {len(values)} variables, the model {len(variables)}."
+            )
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+        self.history = state["history"]
+        self.restored = state
+        return state
+
+    def on_train_begin(self, logs=None):
+        if self.restored and self.early_stopping is not None:
+            stopping = self.restored["early_stopping"]
+            self.early_stopping.wait = stopping["wait"]
+            self.early_stopping.best = stopping["best"]
+            self.early_stopping.best_epoch = stopping["best_epoch"]
+            with np.load(self.directory / stopping["best_weights"]) as stored:
+                self.early_stopping.best_weights = [stored[f"w{i}"] for i in range(len(stored.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        variables = [*self.model.variables, *self.model.optimizer.variables]
+        variables_file = f"variables_epoch{epoch + 1}.npz"
+        with atomic_path(self.directory / variables_file) as temporary:
+            np.savez(temporary, **{f"v{index}": np.asarray(v) for index, v in enumerate(variables)})
+        state = {
+            "request": self.request,
+            "epochs_done": epoch + 1,
+            "stopped": bool(self.model.stop_training),
+            "variables": variables_file,
+            "history": self.history,
+            "early_stopping": None,
+        }
+        stopping = self.early_stopping
+        if stopping is not None and stopping.best_weights is not None:
+            weights_file = f"best_weights_epoch{stopping.best_epoch + 1}.npz"
+            if not (self.directory / weights_file).is_file():
+                with atomic_path(self.directory / weights_file) as temporary:
+                    np.savez(temporary, **{f"w{i}": w for i, w in enumerate(stopping.best_weights)})
+            best = stopping.best
+            state["early_stopping"] = {
+                "wait": stopping.wait,
+                "best": None if best is None else float(best),
+                "best_epoch": stopping.best_epoch,
+                "best_weights": weights_file,
+            }
+        write_json(self.directory / self.STATE, state)
+        keep = {variables_file, (state["early_stopping"] or {}).get("best_weights"), self.STATE}
+        for path in self.directory.glob("*.npz"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
 
-def train(
+def _say(message: str) -> None:
+    print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+def fit(
+    recipe: Recipe,
     x_train,
     y_train,
     x_val,
     y_val,
     *,
-    learning_rate: float,
-    batch_size: int,
-    dropout_rate: float,
-    epochs: int,
-    patience: int,
     seed: int,
+    model: keras.Model | None = None,
+    checkpoint_dir: Path | None = None,
+    callbacks: list[keras.callbacks.Callback] | tuple = (),
+    epochs: int | None = None,
+    initial_epoch: int = 0,
     verbose: int = 2,
-    **recipe_fields,
-) -> tuple[keras.Model, dict[str, list[float]], int]:
-    """Fit the seed CNN with early stopping on validation loss, restoring the best weights.
+) -> Fitted:
+    """Train one recipe: the one training path of the study, its tuning trials and its experiments.
 
-    ``recipe_fields`` (schedule, horizontal_flip, ...) change how it trains; see
-    ``fmnist.recipes.Recipe``. Returns the model, its per-epoch history and the
-    (1-based) epoch whose weights it holds.
+    Validation data drives early stopping (when ``patience`` > 0) and nothing
+    else. ``model`` is a network from ``build`` (built here when None). With a
+    ``checkpoint_dir`` every epoch is checkpointed there, and a fit of the same
+    recipe, data and seed continues from the last complete epoch with the same
+    result an uninterrupted fit would have had. ``epochs`` and
+    ``initial_epoch`` let keras-tuner's Hyperband train a trial in rounds.
     """
-    recipe = Recipe(
-        name="03_train",
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        dropout_rate=dropout_rate,
-        epochs=epochs,
-        patience=patience,
-        **recipe_fields,
+    epochs = recipe.epochs if epochs is None else epochs
+    if model is None:
+        model = build(recipe, len(y_train), seed)
+    stopping = None
+    callback_list: list[keras.callbacks.Callback] = [EpochTimer(), *callbacks]
+    if recipe.patience:
+        stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=recipe.patience, restore_best_weights=True
+        )
+        callback_list.append(stopping)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        request = fit_request(recipe, x_train, y_train, x_val, y_val, seed, epochs)
+        checkpoint = EpochCheckpoint(checkpoint_dir, request, stopping)
+        state = checkpoint.load(model)
+        if state is not None:
+            initial_epoch = state["epochs_done"]
+            if state["stopped"] or initial_epoch >= epochs:
+                _say(f"checkpoint: training finished before ({initial_epoch}/{epochs} epochs); restoring it")
+            else:
+                _say(f"resuming at epoch {initial_epoch + 1}/{epochs} from {checkpoint_dir}")
+        callback_list.append(checkpoint)
+    started = time.perf_counter()
+    finished = (
+        checkpoint is not None
+        and checkpoint.restored is not None
+        and (checkpoint.restored["stopped"] or initial_epoch >= epochs)
     )
-    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, verbose=verbose)
-    return fitted.model, fitted.history, fitted.best_epoch
+    if finished:
+        if stopping is not None:
+            checkpoint.on_train_begin()
+            stopping.set_model(model)
+            stopping.on_train_end()
+        values = checkpoint.history
+    else:
+        training = training_dataset(x_train, y_train, dataclasses.replace(recipe, epochs=epochs), seed, initial_epoch)
+        history = model.fit(
+            training,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch(len(y_train), recipe.batch_size),
+            shuffle=False,  # Each epoch's order comes from the dataset, seeded per epoch.
+            validation_data=(x_val, one_hot(y_val)),
+            callbacks=callback_list,
+            verbose=verbose,
+        )
+        values = (
+            checkpoint.history
+            if checkpoint is not None
+            else {name: [float(v) for v in series] for name, series in history.history.items()}
+        )
+    seconds = time.perf_counter() - started
+    if checkpoint is not None and checkpoint.restored is not None:
+        seconds += sum(checkpoint.restored["history"].get("epoch_seconds", []))
+    epochs_run = len(values["val_loss"])
+    best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
+    resumed_at = checkpoint.restored["epochs_done"] if checkpoint is not None and checkpoint.restored else 0
+    return Fitted(model, values, best_epoch, seconds, resumed_at)
+
+
+def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epochs: int) -> str:
+    """What decides a fit's result: a checkpoint is resumed only by a fit with the same request."""
+    digest = hashlib.sha256()
+    for array in (x_train, y_train, x_val, y_val):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    settings = {"recipe": recipe.as_dict(), "seed": seed, "epochs": epochs, "code": training_code_version()}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def training_path() -> list:
+    """The functions and classes that decide what a training computes, and so what a checkpoint or a trial holds.
+
+    Editing anything else (reports, plots, this module's other helpers) leaves
+    checkpoints and tuning state valid; editing one of these starts them afresh.
+    """
+    from fmnist import data, model, recipes, runtime
+
+    return [
+        data.read_idx,
+        data.scale_images,
+        data.load_fashion_mnist,
+        data.train_validation_split,
+        data.stratified_subset,
+        runtime.set_seed,
+        recipes.Recipe,
+        model.seed_network,
+        model.bn_cnn_network,
+        model.build_network,
+        steps_per_epoch,
+        augment_batch,
+        one_hot,
+        epoch_orders,
+        training_dataset,
+        compiled_network,
+        build,
+        EpochTimer,
+        EpochCheckpoint,
+        fit,
+    ]
+
+
+def training_code_version() -> str:
+    """A digest of the training path's code: a checkpoint or tuning state from other code is not resumed."""
+    return code_digest(training_path())
+
+
+def code_digest(items) -> str:
+    """A digest of code (files, or functions and classes) as syntax trees without docstrings.
+
+    Layout, comments and docstrings don't count; any change to the code does.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    digest = hashlib.sha256()
+    for item in items:
+        source = Path(item).read_text() if isinstance(item, str | Path) else textwrap.dedent(inspect.getsource(item))
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            first = body[0] if isinstance(body, list) and body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
+
+
+def discard_checkpoint(directory: Path) -> None:
+    """Remove a finished training's checkpoint (call after the model is saved)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def save_model(model: keras.Model, path: Path) -> Path:

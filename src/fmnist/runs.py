@@ -1,0 +1,360 @@
+"""Runs that never mix: work beside the output directory, resume there, publish a consistent set at once.
+
+``fmnist run --out DIR`` works in ``.DIR.run/`` next to ``DIR``. Each stage
+that completes gets a record in its manifest (``manifests/<stage>.json``,
+key ``run``): the run's id, the params profile, a digest of the stage's
+parameters, notebook and code, the digests of the files it read and of every
+file it wrote. From those records:
+
+- a stage whose parameters, notebook, code and inputs are unchanged, and whose
+  outputs are all still there, is *current* and is not recomputed;
+- a set is *consistent* when every present file a stage read or wrote still
+  has the digest that stage recorded, and all stages come from one profile.
+
+Only a complete, consistent work directory replaces ``DIR``, by two renames;
+a kill at any moment leaves ``DIR`` as it was (a kill between the two renames
+is repaired by the next run, which puts the previous ``DIR`` back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fmnist.config import ALL_STAGES, REPORT_NOTEBOOK, ArtifactLayout
+from fmnist.io import read_json, write_json
+
+RUN_FILE = "run.json"
+RECORD_KEY = "run"
+# Working state that is neither an input nor an output: resumable caches, never compared or published as results.
+CACHE_PATHS = ("tuning/keras_tuner", "model/checkpoint", "experiments/keras_tuner", "experiments/checkpoints")
+# What each stage owns outright (every file below is its output), besides its figures and executed notebook.
+OWNED_PATHS = {
+    "01_eda": ("eda",),
+    "02_tune": ("tuning",),
+    "03_train": ("model",),
+    "04_evaluate": ("metrics.json",),
+    "05_deploy": ("deploy",),
+    "06_experiments": ("experiments",),
+    REPORT_NOTEBOOK: ("report.html",),
+}
+# The files of earlier stages each stage reads (the data is pinned by checksums in fmnist.data's code).
+STAGE_INPUTS = {
+    "01_eda": (),
+    "02_tune": (),
+    "03_train": ("tuning/best_hyperparameters.json",),
+    "04_evaluate": ("model/model.keras", "model/training.json"),
+    "05_deploy": ("model/model.keras",),
+    "06_experiments": ("tuning/best_hyperparameters.json",),
+}
+
+
+class InconsistentRun(ValueError):
+    """Artifacts of different runs, profiles or lineages are about to be reported or published together."""
+
+
+def _say(message: str) -> None:
+    print(f"[fmnist] {message}", file=sys.stderr, flush=True)
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.run"
+
+
+def _previous_dir_for(out_dir: Path) -> Path:
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.previous"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def notebook_digest(path: Path) -> str:
+    """A digest of a notebook's cells (type and source), not of its outputs or metadata."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    text = json.dumps([(cell["cell_type"], "".join(cell["source"])) for cell in cells])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_cache(relative: str) -> bool:
+    return any(relative == cache or relative.startswith(cache + "/") for cache in CACHE_PATHS)
+
+
+def _files_below(root: Path, relative: str) -> list[str]:
+    path = root / relative
+    if path.is_file():
+        return [relative]
+    if not path.is_dir():
+        return []
+    found = []
+    for item in sorted(path.rglob("*")):
+        name = item.relative_to(root).as_posix()
+        if item.is_file() and not _is_cache(name) and not item.name.startswith("."):
+            found.append(name)
+    return found
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file below ``root`` (caches excluded)."""
+    state = {}
+    for item in Path(root).rglob("*"):
+        if item.is_file():
+            name = item.relative_to(root).as_posix()
+            if not _is_cache(name):
+                stat = item.stat()
+                state[name] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def stage_outputs(root: Path, stage: str, before: dict[str, tuple[int, int]]) -> list[str]:
+    """The files a stage just produced: what it owns, plus the figures it (re)wrote and its notebook."""
+    after = snapshot(root)
+    owned = [name for relative in OWNED_PATHS.get(stage, ()) for name in _files_below(root, relative)]
+    figures = [name for name, state in after.items() if name.startswith("figures/") and before.get(name) != state]
+    notebooks = [f"notebooks/{stage}.ipynb"] if (root / f"notebooks/{stage}.ipynb").is_file() else []
+    if stage == REPORT_NOTEBOOK:  # The report renders every executed notebook to HTML.
+        notebooks += [name for name in after if name.startswith("notebooks/") and name.endswith(".html")]
+    return sorted(set(owned) | set(figures) | set(notebooks))
+
+
+def stage_inputs(root: Path, stage: str) -> list[str]:
+    """The files a stage reads; the report reads every other stage's outputs."""
+    if stage != REPORT_NOTEBOOK:
+        return list(STAGE_INPUTS.get(stage, ()))
+    layout = ArtifactLayout(root)
+    names = []
+    for other in ALL_STAGES:
+        record = read_record(layout, other)
+        if other != REPORT_NOTEBOOK and record:
+            names += list(record["outputs"])
+    return sorted(set(names))
+
+
+def read_record(layout: ArtifactLayout, stage: str) -> dict[str, Any] | None:
+    path = layout.stage_manifest(stage)
+    if not path.is_file():
+        return None
+    return read_json(path).get(RECORD_KEY)
+
+
+@dataclass
+class StageIdentity:
+    """What decides a stage's result besides its inputs: its parameters, notebook and code."""
+
+    params: str
+    notebook: str
+    code: dict[str, str]  # Module name -> digest of the fmnist modules the stage imported.
+
+
+def code_digests(modules: list[str]) -> dict[str, str]:
+    """Current digests of fmnist modules by name (a removed module gets "missing")."""
+    from fmnist.config import PACKAGE_DIR
+    from fmnist.training import code_digest
+
+    digests = {}
+    for module in modules:
+        path = PACKAGE_DIR / (module.removeprefix("fmnist.").replace(".", "/") + ".py")
+        if module == "fmnist":
+            path = PACKAGE_DIR / "__init__.py"
+        digests[module] = code_digest([path]) if path.is_file() else "missing"
+    return digests
+
+
+def write_record(
+    layout: ArtifactLayout,
+    stage: str,
+    *,
+    run_id: str,
+    profile: str,
+    identity: StageIdentity,
+    inputs: list[str],
+    outputs: list[str],
+    seconds: float,
+) -> None:
+    """Add the run record to the stage's manifest (written by the notebook's ``stage.finish()``)."""
+    path = layout.stage_manifest(stage)
+    manifest = read_json(path) if path.is_file() else {"stage": stage}
+    root = layout.root
+    manifest[RECORD_KEY] = {
+        "run_id": run_id,
+        "profile": profile,
+        "params_digest": identity.params,
+        "notebook_digest": identity.notebook,
+        "code": identity.code,
+        "inputs": {name: file_digest(root / name) if (root / name).is_file() else None for name in inputs},
+        "outputs": {name: file_digest(root / name) for name in outputs if (root / name).is_file()},
+        # Files outside the run the stage read (fmnist.stage.StageRun.external_input).
+        "external": manifest.get("external_inputs", {}),
+        "runner_wall_time_seconds": round(seconds, 1),
+    }
+    write_json(path, manifest)
+
+
+def why_not_current(layout: ArtifactLayout, stage: str, identity_now: StageIdentity) -> str | None:
+    """None when the stage's record matches now (nothing to recompute), else the reason it must run."""
+    record = read_record(layout, stage)
+    if record is None:
+        return "not done yet"
+    if record["params_digest"] != identity_now.params:
+        return "its parameters changed"
+    if record["notebook_digest"] != identity_now.notebook:
+        return "its notebook changed"
+    changed = [name for name, digest in code_digests(list(record["code"])).items() if record["code"][name] != digest]
+    if changed:
+        return f"code changed ({', '.join(sorted(changed))})"
+    for name, digest in record.get("external", {}).items():
+        now = file_digest(Path(name)) if Path(name).is_file() else None
+        if now != digest:
+            return f"the external file {name} changed"
+    root = layout.root
+    for name, digest in record["inputs"].items():
+        now = file_digest(root / name) if (root / name).is_file() else None
+        if now != digest:
+            return f"its input {name} changed"
+    for name, digest in record["outputs"].items():
+        if not (root / name).is_file():
+            return f"its output {name} is missing"
+        if file_digest(root / name) != digest:
+            return f"its output {name} was changed since"
+    return None
+
+
+def consistency_problems(layout: ArtifactLayout) -> list[str]:
+    """Why the artifacts below ``layout.root`` do not form one coherent run (empty when they do)."""
+    problems, profiles = [], {}
+    root = layout.root
+    for stage in ALL_STAGES:
+        path = layout.stage_manifest(stage)
+        if not path.is_file():
+            continue
+        record = read_json(path).get(RECORD_KEY)
+        if record is None:
+            problems.append(f"{stage} has no run record (it was produced before runs were tracked)")
+            continue
+        profiles.setdefault(record["profile"], []).append(stage)
+        for kind in ("inputs", "outputs"):
+            for name, digest in record[kind].items():
+                if digest is not None and (root / name).is_file() and file_digest(root / name) != digest:
+                    role = "read" if kind == "inputs" else "wrote"
+                    problems.append(f"{name} is not the file {stage} {role} (run {record['run_id']})")
+    if len(profiles) > 1:
+        listing = "; ".join(f"{profile}: {', '.join(stages)}" for profile, stages in profiles.items())
+        problems.append(f"stages come from different params profiles ({listing})")
+    return problems
+
+
+def check_consistent(layout: ArtifactLayout) -> None:
+    """Raise ``InconsistentRun`` naming every mismatch and the fix."""
+    problems = consistency_problems(layout)
+    if problems:
+        raise InconsistentRun(
+            f"{layout.root} mixes artifacts of different runs:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRerun the chain (`fmnist run --params PROFILE --out DIR`): it recomputes exactly the stages "
+            "whose inputs changed."
+        )
+
+
+# --- The work directory of a run and its publication. ---
+
+
+@dataclass
+class WorkDir:
+    path: Path
+    run_id: str
+    resumed: bool
+
+
+def recover(out_dir: Path) -> None:
+    """Repair a publication that was killed between its two renames."""
+    out_dir, previous = Path(out_dir).resolve(), _previous_dir_for(out_dir)
+    if previous.is_dir() and not out_dir.exists():
+        previous.rename(out_dir)
+        _say(f"restored {out_dir} (a publication was interrupted)")
+    elif previous.is_dir():
+        shutil.rmtree(previous)
+
+
+def open_work_dir(out_dir: Path, run_key: dict[str, Any], *, fresh: bool = False) -> WorkDir:
+    """Resume the unfinished run of the same key, or start one from a copy of ``out_dir`` (same profile only)."""
+    out_dir = Path(out_dir).resolve()
+    work = work_dir_for(out_dir)
+    run_file = work / RUN_FILE
+    if run_file.is_file() and not fresh:
+        stored = read_json(run_file)
+        if stored.get("key") == run_key:
+            _say(f"resuming run {stored['run_id']} (started {stored['started']}) in {work}")
+            return WorkDir(work, stored["run_id"], resumed=True)
+        _say(f"the unfinished run {stored.get('run_id')} in {work} had other parameters or stages; starting fresh")
+    elif run_file.is_file():
+        _say(f"--fresh: discarding the unfinished run in {work}")
+    if work.exists():
+        shutil.rmtree(work)
+    published = ArtifactLayout(out_dir).manifest
+    same_profile = published.is_file() and read_json(published).get("params_profile") == run_key["profile"]
+    if out_dir.is_dir() and same_profile and not fresh:
+        shutil.copytree(out_dir, work, symlinks=True)
+        _say(f"new run in {work}, starting from the published set in {out_dir}")
+    else:
+        work.mkdir(parents=True)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            reason = "--fresh" if fresh else "it holds another profile's run, or none"
+            _say(f"new run in {work}, starting empty ({reason}); {out_dir} is replaced only when this run completes")
+    run_id = new_run_id()
+    write_json(run_file, {"run_id": run_id, "key": run_key, "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    return WorkDir(work, run_id, resumed=False)
+
+
+def publish(work: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the complete work directory: two renames on one file system."""
+    out_dir, previous = Path(out_dir).resolve(), _previous_dir_for(out_dir)
+    (Path(work) / RUN_FILE).unlink(missing_ok=True)
+    if previous.exists():
+        shutil.rmtree(previous)
+    if out_dir.exists():
+        out_dir.rename(previous)
+    Path(work).rename(out_dir)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def discard(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def progress_note(layout: ArtifactLayout, stage: str) -> str | None:
+    """What a resumed stage will pick up: finished trials, the last epoch, stored experiment runs."""
+    if stage == "02_tune":
+        trials = list(layout.tuner_dir.glob("search_*/trial_*/trial.json"))
+        # keras-tuner rewrites trial.json in place; a half-written one is read as unfinished.
+        done = sum('"status": "COMPLETED"' in path.read_text() for path in trials)
+        return f"{done} finished trial(s) kept" if trials else None
+    if stage == "03_train":
+        state = layout.training_checkpoint / "state.json"
+        if state.is_file():
+            return f"{read_json(state)['epochs_done']} epoch(s) done in its checkpoint"
+    if stage == "06_experiments":
+        runs = list(layout.experiment_runs.glob("*/seed*.json"))
+        return f"{len(runs)} stored run(s) kept where their recipe is unchanged" if runs else None
+    return None

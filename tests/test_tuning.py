@@ -1,0 +1,157 @@
+"""keras-tuner searches: one training path, resumable state, and the chief + workers mode on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fmnist import data, tuning
+from fmnist.recipes import Recipe
+
+# The deterministic part of a trial table (timings and the worker's name vary).
+RESULTS = [
+    "trial",
+    "learning_rate",
+    "batch_size",
+    "dropout_rate",
+    "epochs_run",
+    "best_epoch",
+    "val_loss",
+    "val_accuracy",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return data.load_fashion_mnist(include_test=False)
+
+
+def _request(dataset, **changes) -> tuning.SearchRequest:
+    settings = dict(
+        recipe=Recipe("grid", epochs=1, patience=0).as_dict(),
+        search_space={"learning_rate": [1e-3, 1e-4], "batch_size": [64], "dropout_rate": [0.1, 0.5]},
+        seed=7,
+        validation_size=1000,
+        train_subset=600,
+        data_checksums=dataset.checksums,
+    )
+    return tuning.SearchRequest(**{**settings, **changes})
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_run_the_same_trials_and_choose_the_same(dataset, tmp_path):
+    request = _request(dataset)
+    local = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "local", verbose=0)
+    spread = tuning.search(
+        request, dataset.x_train, dataset.y_train, directory=tmp_path / "spread", workers=2, verbose=0
+    )
+    assert len(local.trials) == len(spread.trials) == 4
+    ordered = [frame[RESULTS].sort_values("trial").reset_index(drop=True) for frame in (local.trials, spread.trials)]
+    pd.testing.assert_frame_equal(*ordered, rtol=1e-5)
+    assert spread.best == local.best
+    assert set(spread.trials["worker"]) == {"worker0", "worker1"}  # Both workers took trials.
+    assert spread.stats["mode"] == "chief + 2 workers" and local.stats["mode"] == "in-process"
+    for result in (local, spread):
+        assert result.stats["trials_per_hour"] > 0 and result.stats["overhead_seconds_per_trial"] >= 0
+    # The figures a reader compares (this tiny grid is dominated by the workers' start-up).
+    print(json.dumps({"in_process": local.stats, "two_workers": spread.stats}, indent=2))
+
+
+def test_a_rerun_keeps_finished_trials_and_a_changed_request_starts_fresh(dataset, tmp_path, capsys):
+    request = _request(dataset, search_space={"learning_rate": [1e-3, 1e-4], "batch_size": [64], "dropout_rate": [0.1]})
+    first = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path, verbose=0)
+    again = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path, verbose=0)
+    assert again.stats["trials_run_now"] == 0 and again.stats["trials_resumed"] == 2
+    pd.testing.assert_frame_equal(first.trials[RESULTS], again.trials[RESULTS])
+    assert "2 of 2 trials done before, resuming" in capsys.readouterr().err
+    other = _request(dataset, search_space=request.search_space, train_subset=500)
+    changed = tuning.search(other, dataset.x_train, dataset.y_train, directory=tmp_path, verbose=0)
+    assert changed.stats["trials_run_now"] == 2
+    assert "is for other parameters, data or code; starting fresh" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == [f"search_{other.digest}"]
+
+
+def test_trials_train_through_the_studys_fit(dataset, monkeypatch, tmp_path):
+    from fmnist import training
+
+    calls = []
+    real_fit = training.fit
+
+    def spy(recipe, *args, **kwargs):
+        calls.append(recipe)
+        return real_fit(recipe, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", spy)
+    request = _request(dataset, search_space={"learning_rate": [1e-3], "batch_size": [32], "dropout_rate": [0.3]})
+    found = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path, verbose=0)
+    assert [(r.learning_rate, r.batch_size, r.dropout_rate) for r in calls] == [(1e-3, 32, 0.3)]
+    assert found.best == {"learning_rate": 1e-3, "batch_size": 32, "dropout_rate": 0.3}
+    assert isinstance(found.best["batch_size"], int) and np.isfinite(found.trials["val_loss"][0])
+
+
+def test_a_request_names_what_is_wrong(dataset):
+    with pytest.raises(ValueError, match="tuner='bayes'"):
+        _request(dataset, tuner="bayes")
+    with pytest.raises(ValueError, match="objective='loss'"):
+        _request(dataset, objective="loss")
+    with pytest.raises(ValueError, match="max_trials=-1"):
+        _request(dataset, max_trials=-1)
+    request = _request(dataset)
+    assert tuning.SearchRequest.from_json(request.to_json()) == request
+    assert _request(dataset, seed=8).digest != request.digest
+
+
+def test_tune_worker_rejects_a_malformed_oracle_address():
+    done = subprocess.run(
+        [sys.executable, "-m", "fmnist", "tune-worker", "--oracle", "nowhere"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "--oracle 'nowhere': give HOST:PORT, as the chief prints it." in done.stderr
+
+
+def test_a_grid_killed_mid_trial_resumes_every_point_exactly_once(dataset, tmp_path):
+    """kill -9 after two of four trials: the rerun redoes at most the trial in flight, and ends as a whole grid."""
+    import os
+    import signal
+    import time
+
+    request = _request(dataset)
+    script = (
+        "import sys; from pathlib import Path; from fmnist import data, tuning\n"
+        "request = tuning.SearchRequest.from_json(sys.argv[1])\n"
+        "d = data.load_fashion_mnist(include_test=False)\n"
+        "tuning.search(request, d.x_train, d.y_train, directory=Path(sys.argv[2]), verbose=0)\n"
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, request.to_json(), str(killed)],
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def finished() -> int:
+        return sum('"status": "COMPLETED"' in path.read_text() for path in killed.glob("search_*/trial_*/trial.json"))
+
+    deadline = time.monotonic() + 300
+    while finished() < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = finished()
+    assert 2 <= done_at_kill < 4
+    resumed = tuning.search(request, dataset.x_train, dataset.y_train, directory=killed, verbose=0)
+    assert resumed.stats["trials_resumed"] == done_at_kill
+    assert resumed.stats["trials_run_now"] == 4 - done_at_kill  # At most the trial in flight is redone.
+    uninterrupted = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "whole", verbose=0)
+    points = ["learning_rate", "batch_size", "dropout_rate"]
+    ordered = [
+        frame[RESULTS[1:]].sort_values(points).reset_index(drop=True)
+        for frame in (resumed.trials, uninterrupted.trials)
+    ]
+    pd.testing.assert_frame_equal(*(frame for frame in ordered))
+    assert len(resumed.trials[["learning_rate", "dropout_rate"]].drop_duplicates()) == 4
