@@ -96,7 +96,7 @@ def write_run_manifest(layout: ArtifactLayout, out_dir: Path, params_dir: Path, 
         layout.manifest,
         {
             "run_id": run_id,
-            "params_profile": str(params_dir),
+            "params_profile": runs.profile_name(params_dir),
             "out_dir": str(out_dir),
             "stages": stages,
             **environment(),
@@ -142,8 +142,9 @@ def run_chain(
     runs.recover(out_dir)
     chosen = _chain(tuple(stages) if stages else None, out_dir)
     _say(f"machine: {describe_machine()}")
+    profile_id = runs.profile_name(params_dir)
     key = {
-        "profile": str(params_dir),
+        "profile": profile_id,
         "params": runs.params_digest({s: profile[s] for s in chosen}),
         "stages": list(chosen),
     }
@@ -181,7 +182,7 @@ def run_chain(
             layout,
             stage,
             run_id=work.run_id,
-            profile=str(params_dir),
+            profile=profile_id,
             identity=identity,
             inputs=runs.stage_inputs(layout.root, stage),
             outputs=runs.stage_outputs(layout.root, stage, before),

@@ -68,6 +68,17 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def profile_name(params_dir: Path) -> str:
+    """A params profile's identity however its path was spelled: relative to the project when inside it."""
+    from fmnist.config import PROJECT_ROOT
+
+    resolved = Path(params_dir).resolve()
+    try:
+        return resolved.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
 def work_dir_for(out_dir: Path) -> Path:
     out_dir = Path(out_dir).resolve()
     return out_dir.parent / f".{out_dir.name}.run"
