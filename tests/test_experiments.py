@@ -339,3 +339,19 @@ def test_the_budget_comparison_ranks_both_grids_and_finds_the_seeds_point():
     assert "Not compared" in budget_block(None)
     with pytest.raises(ValueError, match="only 2 grid points"):
         results.budget_comparison(cheap.head(2), full)
+
+
+def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
+    from fmnist.config import ArtifactLayout
+    from fmnist.report import experiments_code_note
+
+    layout = ArtifactLayout(tmp_path)
+    current = {**_fake_run("new", 1, 0.9, 0.3), "training_code": training.training_code_version()}
+    for name, seed, run in (("new", 1, current), ("old", 1, _fake_run("old", 1, 0.9, 0.3))):
+        path = experiments.run_path(layout.experiment_runs, Recipe.from_params(name, {}), seed)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(run))
+    note = experiments_code_note(layout)
+    assert "1 of 2 stored runs were trained by an earlier version" in note and "old (1)" in note
+    (layout.experiment_runs / "old" / "seed1.json").unlink()
+    assert experiments_code_note(layout) == ""

@@ -244,6 +244,28 @@ def deployment_block(layout: ArtifactLayout) -> str:
     return "\n".join(lines)
 
 
+def experiments_code_note(layout: ArtifactLayout) -> str:
+    """Which stored experiment runs an earlier training path produced (kept while their recipe is unchanged)."""
+    from fmnist.training import training_code_version
+
+    current = training_code_version()
+    earlier: dict[str, int] = {}
+    total = 0
+    for path in sorted(layout.experiment_runs.glob("*/seed*.json")):
+        total += 1
+        if read_json(path).get("training_code") != current:
+            earlier[path.parent.name] = earlier.get(path.parent.name, 0) + 1
+    if not earlier:
+        return ""
+    listing = ", ".join(f"{name} ({count})" for name, count in earlier.items())
+    return (
+        f"**Caveat: {sum(earlier.values())} of {total} stored runs were trained by an earlier version of the "
+        f"training path** (before the seeded, stateless input pipeline of this code): {listing}. They are kept "
+        "because their recipes are unchanged, so their figures are not reproduced bit for bit by this code; "
+        "delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
+    )
+
+
 def experiments_block(summary: dict | None) -> str:
     """What the experiments compared and their headline, in words."""
     if not summary:

@@ -253,7 +253,7 @@ def why_not_current(layout: ArtifactLayout, stage: str, identity_now: StageIdent
 
 def consistency_problems(layout: ArtifactLayout) -> list[str]:
     """Why the artifacts below ``layout.root`` do not form one coherent run (empty when they do)."""
-    problems, profiles = [], {}
+    problems, profiles, untracked = [], {}, []
     root = layout.root
     for stage in ALL_STAGES:
         path = layout.stage_manifest(stage)
@@ -261,7 +261,7 @@ def consistency_problems(layout: ArtifactLayout) -> list[str]:
             continue
         record = read_json(path).get(RECORD_KEY)
         if record is None:
-            problems.append(f"{stage} has no run record (it was produced before runs were tracked)")
+            untracked.append(stage)
             continue
         profiles.setdefault(record["profile"], []).append(stage)
         for kind in ("inputs", "outputs"):
@@ -269,6 +269,9 @@ def consistency_problems(layout: ArtifactLayout) -> list[str]:
                 if digest is not None and (root / name).is_file() and file_digest(root / name) != digest:
                     role = "read" if kind == "inputs" else "wrote"
                     problems.append(f"{name} is not the file {stage} {role} (run {record['run_id']})")
+    if untracked and profiles:
+        # Notebooks run by hand (JupyterLab, nbval) record no run; mixed with a tracked run they are foreign.
+        problems.append(f"{', '.join(untracked)} ran outside `fmnist run` (no run record), the other stages inside it")
     if len(profiles) > 1:
         listing = "; ".join(f"{profile}: {', '.join(stages)}" for profile, stages in profiles.items())
         problems.append(f"stages come from different params profiles ({listing})")

@@ -43,6 +43,22 @@ quiet_tensorflow()
 import keras_tuner  # noqa: E402
 
 from fmnist import training  # noqa: E402
+from fmnist.io import write_text  # noqa: E402
+
+
+def _save_json_atomically(path, obj) -> str:
+    """keras-tuner's ``save_json``, atomic.
+
+    keras-tuner writes its oracle, tuner and trial files in place, so a kill -9
+    during a write left a truncated file that no rerun could reload. Replacing
+    the one function every writer calls keeps its state whole at any instant.
+    """
+    text = json.dumps(obj)
+    write_text(path, text)
+    return text
+
+
+keras_tuner.src.utils.save_json = _save_json_atomically
 
 # The seed document's search space.
 SEED_SEARCH_SPACE = {
@@ -290,12 +306,36 @@ class _TrialClock:
                 _say(
                     f"trial {trial_id} {_describe(values)}: {request.objective} {score:.4f} "
                     f"({self.spans.get(trial_id, float('nan')):.0f} s, {self.workers.get(trial_id, '?')}); "
-                    f"{self.done} of {request.trial_budget} done"
+                    + (
+                        f"{self.done} done"
+                        if request.tuner == "hyperband"
+                        else f"{self.done} of {request.trial_budget} done"
+                    )
                 )
             else:
                 _say(f"trial {trial_id} ended {stored.status}: {(stored.message or '').strip().splitlines()[-1:]}")
 
         oracle.create_trial, oracle.end_trial = create_trial, end_trial
+
+
+def _schedule_grid_eagerly(oracle) -> None:
+    """Let a grid hand out its next point while trials are still running.
+
+    keras-tuner's grid oracle derives a new point only from trials that have
+    ended, so with several workers most of them wait (measured: two workers
+    idle half the time). Queueing each trial as it starts lets the next worker
+    take the following point at once. This changes who trains what when,
+    never a trial's result, so it is not part of ``code_version``.
+    """
+    create = oracle.create_trial
+
+    def create_trial(tuner_id):
+        trial = create(tuner_id)
+        if trial.status == "RUNNING" and trial.trial_id not in oracle._populate_next:
+            oracle._populate_next.append(trial.trial_id)
+        return trial
+
+    oracle.create_trial = create_trial
 
 
 def _describe(values: dict[str, Any]) -> str:
@@ -344,14 +384,21 @@ def search(
         done_before = len(_completed(tuner))
         if resumed:
             _say(f"{done_before} of {request.trial_budget} trials done before, resuming ({project.name})")
+        if request.tuner == "grid":
+            _schedule_grid_eagerly(tuner.oracle)
         clock = _TrialClock(tuner.oracle, request, done_before)
         started = time.perf_counter()
         if workers:
             _run_chief(tuner, project, host, port, workers)
         else:
+            budget = (
+                f"brackets of up to {request.base_recipe().epochs} epochs"
+                if request.tuner == "hyperband"
+                else f"{request.trial_budget} trials"
+            )
             _say(
                 f"{request.tuner} search over {_describe_space(request.search_space)}: "
-                f"{request.trial_budget} trials on {len(y_train):,} images, in this process"
+                f"{budget} on {len(y_train):,} images, in this process"
             )
             with contextlib.redirect_stdout(sys.stderr):
                 tuner.search(x_train, y_train, validation_data=(x_val, y_val))
@@ -456,6 +503,7 @@ def worker_environment(threads: int) -> dict[str, str]:
         "TF_NUM_INTRAOP_THREADS": str(threads),
         "TF_NUM_INTEROP_THREADS": "1",
         "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",  # Each trial's epochs reach the worker's log as they happen.
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     }
 

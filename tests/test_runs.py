@@ -1,0 +1,112 @@
+"""The run directory: resume or start afresh, stage records, consistency, publication that survives a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fmnist import runs
+from fmnist.config import PARAMS_DIR, ArtifactLayout
+from fmnist.io import write_json
+
+
+def _published(out, profile="params/x", files=None):
+    out.mkdir(parents=True)
+    for name, text in (files or {"metrics.json": "{}"}).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    write_json(out / "manifest.json", {"params_profile": profile, "run_id": "old"})
+    return out
+
+
+def test_profiles_are_named_relative_to_the_project(tmp_path):
+    assert runs.profile_name(PARAMS_DIR) == "params"
+    assert runs.profile_name(PARAMS_DIR / "smoke" / ".." / "smoke") == "params/smoke"
+    assert runs.profile_name(tmp_path) == str(tmp_path.resolve())
+
+
+def test_the_same_command_resumes_and_other_parameters_start_afresh(tmp_path, capsys):
+    out = _published(tmp_path / "out")
+    key = {"profile": "params/x", "params": "a", "stages": ["01_eda"]}
+    first = runs.open_work_dir(out, key)
+    assert not first.resumed and (first.path / "metrics.json").is_file()  # A copy of the published set.
+    (first.path / "partial.txt").write_text("work in progress")
+    again = runs.open_work_dir(out, key)
+    assert again.resumed and again.run_id == first.run_id and (again.path / "partial.txt").is_file()
+    other = runs.open_work_dir(out, {**key, "params": "b"})
+    assert not other.resumed and other.run_id != first.run_id and not (other.path / "partial.txt").exists()
+    assert "had other parameters or stages; starting fresh" in capsys.readouterr().err
+    foreign = runs.open_work_dir(out, {**key, "profile": "params/y"})
+    assert not (foreign.path / "metrics.json").exists()  # Another profile's results are never mixed in.
+    fresh = runs.open_work_dir(out, {**key, "profile": "params/y"}, fresh=True)
+    assert fresh.run_id != foreign.run_id
+
+
+def test_publication_replaces_the_directory_whole_and_a_kill_between_renames_is_repaired(tmp_path):
+    out = _published(tmp_path / "out", files={"metrics.json": "old"})
+    work = runs.open_work_dir(out, {"profile": "params/x", "params": "a", "stages": []})
+    (work.path / "metrics.json").write_text("new")
+    runs.publish(work.path, out)
+    assert (out / "metrics.json").read_text() == "new" and not work.path.exists()
+    assert not (out / runs.RUN_FILE).exists()
+    # A kill after the first rename: out/ is missing, the previous set waits beside it.
+    out.rename(tmp_path / ".out.previous")
+    runs.recover(out)
+    assert (out / "metrics.json").read_text() == "new" and not (tmp_path / ".out.previous").exists()
+
+
+def _record(layout, stage, inputs, outputs, profile="params/x"):
+    write_json(layout.stage_manifest(stage), {"stage": stage, "code_modules": []})
+    runs.write_record(
+        layout,
+        stage,
+        run_id="r1",
+        profile=profile,
+        identity=runs.StageIdentity(params="p", notebook="n", code={}),
+        inputs=inputs,
+        outputs=outputs,
+        seconds=1.0,
+    )
+
+
+def test_a_stage_is_current_until_its_parameters_inputs_or_outputs_change(tmp_path):
+    layout = ArtifactLayout(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.keras").write_text("weights")
+    (tmp_path / "metrics.json").write_text("{}")
+    _record(layout, "04_evaluate", ["model/model.keras"], ["metrics.json"])
+    identity = runs.StageIdentity(params="p", notebook="n", code={})
+    assert runs.why_not_current(layout, "04_evaluate", identity) is None
+    assert runs.why_not_current(layout, "04_evaluate", runs.StageIdentity("q", "n", {})) == "its parameters changed"
+    assert runs.why_not_current(layout, "03_train", identity) == "not done yet"
+    (tmp_path / "model" / "model.keras").write_text("other weights")
+    assert runs.why_not_current(layout, "04_evaluate", identity) == "its input model/model.keras changed"
+    assert "model/model.keras is not the file 04_evaluate read" in runs.consistency_problems(layout)[0]
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "model" / "model.keras").write_text("weights")
+    assert runs.why_not_current(layout, "04_evaluate", identity) == "its output metrics.json is missing"
+    assert runs.consistency_problems(layout) == []  # Missing (uncommitted) files are not a mix.
+
+
+def test_untracked_stages_mixed_with_a_tracked_run_are_refused(tmp_path):
+    layout = ArtifactLayout(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")
+    write_json(layout.stage_manifest("01_eda"), {"stage": "01_eda"})  # Run by hand: no record.
+    assert runs.consistency_problems(layout) == []  # A notebook session alone is not a mix.
+    _record(layout, "04_evaluate", [], ["metrics.json"])
+    with pytest.raises(runs.InconsistentRun, match="01_eda ran outside `fmnist run`") as error:
+        runs.check_consistent(layout)
+    assert "Rerun the chain" in str(error.value)
+
+
+def test_outputs_are_what_a_stage_owns_plus_the_figures_it_wrote(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "other_stage.png").write_text("x")
+    before = runs.snapshot(tmp_path)
+    (tmp_path / "eda").mkdir()
+    (tmp_path / "eda" / "summary.json").write_text(json.dumps({"n": 1}))
+    (tmp_path / "figures" / "class_balance.png").write_text("y")
+    (tmp_path / "tuning" / "keras_tuner").mkdir(parents=True)
+    (tmp_path / "tuning" / "keras_tuner" / "oracle.json").write_text("{}")  # A cache, never an output.
+    assert runs.stage_outputs(tmp_path, "01_eda", before) == ["eda/summary.json", "figures/class_balance.png"]
