@@ -34,10 +34,13 @@ def test_the_same_command_resumes_and_other_parameters_start_afresh(tmp_path, ca
     (first.path / "partial.txt").write_text("work in progress")
     again = runs.open_work_dir(out, key)
     assert again.resumed and again.run_id == first.run_id and (again.path / "partial.txt").is_file()
-    other = runs.open_work_dir(out, {**key, "params": "b"})
-    assert not other.resumed and other.run_id != first.run_id and not (other.path / "partial.txt").exists()
-    assert "had other parameters or stages; starting fresh" in capsys.readouterr().err
+    # Other parameters of the same profile: the work is kept; each stage's record decides what reruns
+    # (finished trials and checkpoints survive a change of `workers`, say).
+    changed = runs.open_work_dir(out, {**key, "params": "b"})
+    assert changed.resumed and changed.run_id == first.run_id and (changed.path / "partial.txt").is_file()
+    assert "parameters or stages changed since" in capsys.readouterr().err
     foreign = runs.open_work_dir(out, {**key, "profile": "params/y"})
+    assert "was of another profile; starting fresh" in capsys.readouterr().err
     assert not (foreign.path / "metrics.json").exists()  # Another profile's results are never mixed in.
     fresh = runs.open_work_dir(out, {**key, "profile": "params/y"}, fresh=True)
     assert fresh.run_id != foreign.run_id
@@ -110,3 +113,21 @@ def test_outputs_are_what_a_stage_owns_plus_the_figures_it_wrote(tmp_path):
     (tmp_path / "tuning" / "keras_tuner").mkdir(parents=True)
     (tmp_path / "tuning" / "keras_tuner" / "oracle.json").write_text("{}")  # A cache, never an output.
     assert runs.stage_outputs(tmp_path, "01_eda", before) == ["eda/summary.json", "figures/class_balance.png"]
+
+
+def test_a_directory_fmnist_did_not_write_is_never_replaced(tmp_path):
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="holds no fmnist run"):
+        runs.check_output_dir(precious)
+    runs.check_output_dir(tmp_path / "new")  # A new or empty directory is fine, as is one fmnist wrote.
+    runs.check_output_dir(_published(tmp_path / "published"))
+
+
+def test_two_runs_on_one_directory_are_refused(tmp_path):
+    first, second = runs.exclusive(tmp_path / "out"), runs.exclusive(tmp_path / "out")
+    with first, pytest.raises(ValueError, match="another `fmnist run` is using"), second:
+        pass
+    with runs.exclusive(tmp_path / "out"):  # Released with the first run.
+        pass

@@ -139,7 +139,13 @@ def run_chain(
     # Every params file is checked before any stage starts computing.
     profile = load_profile(params_dir)
     out_dir = Path(out_dir).resolve()
-    runs.recover(out_dir)
+    with runs.exclusive(out_dir):
+        runs.recover(out_dir)
+        runs.check_output_dir(out_dir)
+        return _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_report)
+
+
+def _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_report) -> ChainResult:
     chosen = _chain(tuple(stages) if stages else None, out_dir)
     _say(f"machine: {describe_machine()}")
     profile_id = runs.profile_name(params_dir)
@@ -166,7 +172,9 @@ def run_chain(
         _say(f"{header} (params {params_dir}/{stage}.yaml): runs, {reason}" + (f"; resuming: {note}" if note else ""))
         previous = runs.read_record(layout, stage)
         for name in (previous or {}).get("outputs", {}):
-            if name.startswith("figures/"):
+            # Nothing of the previous result may pass as this run's, except the experiments' stored runs
+            # (and their models and search), which 06_experiments reuses run by run.
+            if not name.startswith("experiments/"):
                 (layout.root / name).unlink(missing_ok=True)
         layout.stage_manifest(stage).unlink(missing_ok=True)
         before = runs.snapshot(layout.root)

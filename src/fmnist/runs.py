@@ -18,6 +18,7 @@ is repaired by the next run, which puts the previous ``DIR`` back).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -234,6 +235,8 @@ def why_not_current(layout: ArtifactLayout, stage: str, identity_now: StageIdent
     changed = [name for name, digest in code_digests(list(record["code"])).items() if record["code"][name] != digest]
     if changed:
         return f"code changed ({', '.join(sorted(changed))})"
+    if stage == REPORT_NOTEBOOK and set(stage_inputs(layout.root, stage)) != set(record["inputs"]):
+        return "the set of stages it reports on changed"
     for name, digest in record.get("external", {}).items():
         now = file_digest(Path(name)) if Path(name).is_file() else None
         if now != digest:
@@ -315,16 +318,19 @@ def open_work_dir(out_dir: Path, run_key: dict[str, Any], *, fresh: bool = False
     out_dir = Path(out_dir).resolve()
     work = work_dir_for(out_dir)
     run_file = work / RUN_FILE
+    _discard_leftovers(work)
     if run_file.is_file() and not fresh:
         stored = read_json(run_file)
-        if stored.get("key") == run_key:
-            _say(f"resuming run {stored['run_id']} (started {stored['started']}) in {work}")
+        if stored.get("key", {}).get("profile") == run_key["profile"]:
+            changed = "" if stored.get("key") == run_key else "; parameters or stages changed since, so the stages "
+            changed += "whose records differ rerun" if changed else ""
+            _say(f"resuming run {stored['run_id']} (started {stored['started']}) in {work}{changed}")
+            write_json(run_file, {**stored, "key": run_key})
             return WorkDir(work, stored["run_id"], resumed=True)
-        _say(f"the unfinished run {stored.get('run_id')} in {work} had other parameters or stages; starting fresh")
+        _say(f"the unfinished run {stored.get('run_id')} in {work} was of another profile; starting fresh")
     elif run_file.is_file():
         _say(f"--fresh: discarding the unfinished run in {work}")
-    if work.exists():
-        shutil.rmtree(work)
+    discard(work)
     published = ArtifactLayout(out_dir).manifest
     same_profile = published.is_file() and read_json(published).get("params_profile") == run_key["profile"]
     if out_dir.is_dir() and same_profile and not fresh:
@@ -343,18 +349,55 @@ def open_work_dir(out_dir: Path, run_key: dict[str, Any], *, fresh: bool = False
 def publish(work: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` by the complete work directory: two renames on one file system."""
     out_dir, previous = Path(out_dir).resolve(), _previous_dir_for(out_dir)
-    (Path(work) / RUN_FILE).unlink(missing_ok=True)
     if previous.exists():
         shutil.rmtree(previous)
     if out_dir.exists():
         out_dir.rename(previous)
     Path(work).rename(out_dir)
+    # Only now: until the rename, a kill leaves a complete work directory that the next run resumes.
+    (out_dir / RUN_FILE).unlink(missing_ok=True)
     if previous.exists():
         shutil.rmtree(previous)
 
 
 def discard(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)
+    """Remove a work directory: renamed first, so a kill mid-removal never leaves a half-deleted one to resume."""
+    work = Path(work)
+    if work.exists():
+        trash = work.with_name(work.name + ".trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        work.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _discard_leftovers(work: Path) -> None:
+    shutil.rmtree(Path(work).with_name(Path(work).name + ".trash"), ignore_errors=True)
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse to replace a directory that fmnist did not write: publication replaces it whole."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise ValueError(
+            f"{out_dir} is not empty and holds no fmnist run (no manifest.json); a run replaces its output "
+            "directory whole. Give a new or empty directory, or one that `fmnist run` wrote."
+        )
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path):
+    """Hold ``.DIR.lock`` for the whole run: a second run on the same directory stops with a clear message."""
+    import fcntl
+
+    out_dir = Path(out_dir).resolve()
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `fmnist run` is using {out_dir}; wait for it, or stop it first.") from None
+        yield
 
 
 def progress_note(layout: ArtifactLayout, stage: str) -> str | None:

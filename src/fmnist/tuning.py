@@ -508,17 +508,24 @@ def worker_environment(threads: int) -> dict[str, str]:
     }
 
 
-def _die_with_parent() -> None:
-    """In a local worker, before it runs: be killed when the chief's process dies (kill -9 included).
+def _die_with_chief() -> None:
+    """In a local worker: be killed when the chief's process dies (kill -9 included).
 
-    Otherwise an orphaned worker would go on training a trial nobody collects. Linux only (prctl);
-    elsewhere the chief's ``finally`` still terminates its workers on any ordinary exit.
+    Otherwise an orphaned worker would go on training a trial nobody collects.
+    Set in the worker itself (not between fork and exec, unsafe in a threaded
+    chief); if the chief is already gone, exit. Linux only (prctl); elsewhere
+    the chief's ``finally`` still terminates its workers on any ordinary exit.
     """
     import ctypes
     import signal
 
+    chief = os.environ.get("FMNIST_CHIEF_PID")
+    if not chief:
+        return
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(chief):
+        os._exit(3)
 
 
 # A worker that dies mid-trial is restarted with the same id, so the oracle hands it the same trial.
@@ -567,10 +574,11 @@ def _run_chief(tuner, project: Path, host: str, port: int, workers: int) -> None
         env = {**os.environ, **worker_environment(threads)}
         for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"):
             env.pop(name, None)
-        processes[worker_id] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-        )
-        log.close()
+        env["FMNIST_CHIEF_PID"] = str(os.getpid())
+        try:
+            processes[worker_id] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            log.close()
 
     for index in range(workers):
         start(f"worker{index}")
@@ -608,6 +616,7 @@ def run_worker(oracle: str, worker_id: str, directory: Path, data_dir: str | Non
     """
     from fmnist import data
 
+    _die_with_chief()
     host, _, port = oracle.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--oracle {oracle!r}: give HOST:PORT, as the chief prints it.")
