@@ -10,7 +10,6 @@ test set is evaluated once, after training, for the tables.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +27,7 @@ quiet_tensorflow()
 import keras  # noqa: E402
 
 from fmnist import evaluation  # noqa: E402
-from fmnist.training import fit, training_code_version  # noqa: E402
+from fmnist.training import discard_checkpoint, fit, training_code_version  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -106,7 +105,7 @@ def run_one(
         result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
     write_json(run_path(runs_dir, recipe, seed), result)
     if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        discard_checkpoint(checkpoint_dir)
     return result
 
 
