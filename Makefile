@@ -7,7 +7,7 @@ OUT ?= reports
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all setup data study experiments seed-budget smoke report test lint lab kernel serve bench ship-model clean
+.PHONY: all setup data study experiments seed-budget smoke report test lint lab kernel serve bench loadtest ship-model clean
 
 all: setup data study  ## Set up, then run the full study and render reports/report.html.
 
@@ -58,11 +58,14 @@ serve: setup  ## Serve the classifier page and API on http://127.0.0.1:8000/ (th
 bench: setup data  ## Re-measure size, latency and serving of the run in $(OUT) into $(OUT)/deploy/bench.json.
 	$(BIN)/fmnist bench --out $(OUT)
 
+loadtest: setup  ## Load and abuse a fresh `fmnist serve` (shipped model; no study needed) into build/loadtest.json.
+	$(BIN)/fmnist loadtest --json build/loadtest.json
+
 ship-model:  ## Make the int8 model of the run in $(OUT) the default of fmnist classify / serve.
 	cp $(OUT)/deploy/model_int8.tflite src/fmnist/assets/fmnist_int8.tflite
 
 lab: setup data  ## Open the notebooks in JupyterLab, with this environment as the python3 kernel.
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 kernel: setup  ## Register this environment as the "Python (fmnist)" kernel for a JupyterLab outside it.
 	$(BIN)/python -m ipykernel install --user --name fmnist --display-name "Python (fmnist)"

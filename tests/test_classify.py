@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fmnist.cli import main
-from fmnist.inference import DEFAULT_MODEL, Classifier, ModelError
+from fmnist.inference import DEFAULT_MODEL, Classifier, ModelError, Prediction
 
 
 @pytest.fixture
@@ -32,8 +33,13 @@ def test_the_shipped_model_is_small_and_accurate_on_test_images():
 
     assert DEFAULT_MODEL.is_file() and DEFAULT_MODEL.stat().st_size <= 230 * 1024
     dataset = data.load_fashion_mnist()
-    probabilities = Classifier().probabilities(dataset.x_test[:1000])
+    classifier = Classifier()
+    assert classifier.quantized and classifier.outputs_logits
+    probabilities = classifier.probabilities(dataset.x_test[:1000])
     assert (probabilities.argmax(axis=1) == dataset.y_test[:1000]).mean() > 0.85
+    # Not the steps of 1/256 of an int8 softmax: confident answers pass 99.6%, runner-ups are not 0.
+    ranked = np.sort(probabilities, axis=1)
+    assert ranked[:, -1].max() > 0.999 and (ranked[:, -2] > 0).all()
 
 
 def test_classify_prints_top_classes_and_fails_per_bad_file(images, capsys):
@@ -62,7 +68,7 @@ def test_the_inference_path_never_imports_tensorflow_or_keras(images):
     good, _ = images
     code = (
         "import sys; from fmnist.cli import main; code = main(['classify', sys.argv[1]]); "
-        "from fmnist.serve import make_server; "
+        "import fmnist.serve; "
         "heavy = [m for m in ('tensorflow', 'keras', 'sklearn', 'matplotlib') if m in sys.modules]; "
         "print('HEAVY', heavy); sys.exit(code or bool(heavy))"
     )
@@ -71,25 +77,81 @@ def test_the_inference_path_never_imports_tensorflow_or_keras(images):
     assert "HEAVY []" in done.stdout
 
 
+# How far the int8 export's probabilities may be from Keras' on the random images below (the untrained seed
+# network gives near-uniform probabilities there, and its int8 rounding moves them by about 0.0002).
+INT8_PROBABILITY_TOLERANCE = 0.01
+
+
 def test_export_has_no_flex_ops_and_matches_keras(tmp_path):
+    import keras
+    import tensorflow as tf
+
     from fmnist import deploy, export
+    from fmnist.inference import softmax
     from fmnist.model import build_network
 
     model = build_network("seed")
     rng = np.random.default_rng(0)
     images = rng.random((64, 28, 28, 1), dtype=np.float32)
+    keras_probabilities = model.predict(images, verbose=0)
+    logits = export.inference_graph(model).predict(images, verbose=0)[export.LOGITS]
+    np.testing.assert_allclose(softmax(logits), keras_probabilities, atol=1e-6)
     float32, int8 = export.to_float32(model), export.to_int8(model, images[:32])
     for name, content in (("float32", float32), ("int8", int8)):
         path = export.write_model(content, tmp_path / f"{name}.tflite")
         assert not any("Flex" in op for op in export.operators(path.read_bytes()))
-    keras_probabilities = model.predict(images, verbose=0)
+        classifier = Classifier(path)
+        assert classifier.outputs_logits, f"{name}: the export must output logits"
+        assert classifier.interpreter.get_signature_list()["serving_default"]["outputs"] == [export.LOGITS]
     litert = Classifier(tmp_path / "float32.tflite").probabilities(images)
-    np.testing.assert_allclose(litert, keras_probabilities, atol=1e-4)
+    assert litert.dtype == np.float32
+    np.testing.assert_allclose(litert.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(litert, keras_probabilities, atol=1e-5)
     quantized = Classifier(tmp_path / "int8.tflite").probabilities(images)
-    assert np.abs(quantized - keras_probabilities).max() < 0.1
+    assert quantized.dtype == np.float32
+    np.testing.assert_allclose(quantized.sum(axis=1), 1.0, atol=1e-5)
+    runner_ups = np.sort(quantized, axis=1)[:, :-1]
+    assert (runner_ups > 0).all(), "a softmax in float32 leaves no runner-up at exactly 0"
+    assert np.abs(quantized - keras_probabilities).max() < INT8_PROBABILITY_TOLERANCE
+    agreement = deploy.probability_agreement(tmp_path / "int8.tflite", images, keras_probabilities)
+    assert agreement["p50"] <= agreement["p99"] <= agreement["max"] < INT8_PROBABILITY_TOLERANCE
+    assert agreement["images"] == len(images)
+    with pytest.raises(ValueError, match="one row of class probabilities per image"):
+        deploy.probability_agreement(tmp_path / "int8.tflite", images, keras_probabilities[:10])
     assert deploy.compare_accuracy(0.9, {"float32": 0.9005, "int8": 0.897})[2]["difference_points"] < 0
     with pytest.raises(ValueError, match="int8: -0.60 points"):
         deploy.compare_accuracy(0.9, {"float32": 0.9, "int8": 0.894})
+
+    # A model exported before the logits output (its softmax inside) is still read as probabilities.
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    older = export.write_model(converter.convert(), tmp_path / "probabilities.tflite")
+    classifier = Classifier(older)
+    assert not classifier.outputs_logits
+    np.testing.assert_allclose(classifier.probabilities(images), keras_probabilities, atol=1e-5)
+
+    with pytest.raises(ValueError, match="must be a Dense with a softmax activation"):
+        export.inference_graph(keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten()]))
+
+
+def test_a_prediction_carries_the_image_the_model_saw(images):
+    from fmnist.preprocess import prepare_image
+
+    good, _ = images
+    prediction = Classifier().classify(good, top_k=2)
+    expected = np.rint(prepare_image(good) * 255).astype(np.uint8)
+    assert prediction.model_input.dtype == np.uint8 and prediction.model_input.shape == (28, 28)
+    np.testing.assert_array_equal(prediction.model_input, expected)
+    assert "model_input" not in prediction.as_dict()
+    answer = prediction.as_dict(include_input=True)
+    seen = answer["model_input"]
+    assert (seen["width"], seen["height"]) == (28, 28)
+    assert seen["encoding"] == "base64, 784 uint8 grey values, row-major"
+    pixels = np.frombuffer(base64.b64decode(seen["data"]), dtype=np.uint8).reshape(28, 28)
+    np.testing.assert_array_equal(pixels, expected)
+    assert len(answer["predictions"]) == 2 and json.dumps(answer)
+    with pytest.raises(ValueError, match="has no model input"):
+        Prediction([("Trouser", 1.0)], 0.1).as_dict(include_input=True)
 
 
 @pytest.mark.slow

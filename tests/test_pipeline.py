@@ -118,6 +118,10 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     serving = bench["serving"]
     assert serving["load"]["requests"] > 0 and serving["peak_rss_mb"] > 0
     assert serving["cold_start_to_first_answer_s"] > 0
+    # The load test's phases: no 5xx for the hostile uploads, no errors under load, no tracebacks logged.
+    assert serving["idle"]["p50_ms"] > 0 and serving["closed_loop"]["errors"] == 0
+    assert serving["hostile"]["server_errors"] == 0 and sum(map(len, serving["hostile"]["statuses"].values())) > 0
+    assert serving["slow"]["healthz"]["runs"] > 0 and serving["log_tracebacks"] == 0
     floor = bench["floor"]
     assert floor["multiply_adds"] == 2_906_752  # The seed CNN, counted layer by layer.
     # No engine beats the arithmetic floor; if one did, the floor (or the timing) would be wrong.

@@ -8,13 +8,10 @@ compare the models, not the thread pools. The serving figures come from a real
 
 from __future__ import annotations
 
-import http.client
 import io
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -120,122 +117,6 @@ def sample_photo(image: np.ndarray, size: int = 224, image_format: str = "JPEG")
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _post(connection: http.client.HTTPConnection, body: bytes) -> int:
-    connection.request("POST", "/predict", body=body, headers={"Content-Type": "image/jpeg"})
-    response = connection.getresponse()
-    response.read()
-    return response.status
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def http_load(port: int, body: bytes, clients: int, seconds: float, rate_per_client: float) -> dict[str, object]:
-    """``clients`` threads, each on its own keep-alive connection, each sending ``rate_per_client`` requests/s."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-    interval = 1.0 / rate_per_client if rate_per_client > 0 else 0.0
-
-    def client(offset: float) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        next_send = time.perf_counter() + offset
-        local, local_errors = [], []
-        while True:
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-            if interval and now < next_send:
-                time.sleep(next_send - now)
-            started = time.perf_counter()
-            try:
-                status = _post(connection, body)
-                if status != 200:
-                    local_errors.append(f"HTTP {status}")
-            except (OSError, http.client.HTTPException) as error:
-                local_errors.append(type(error).__name__)
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            local.append(time.perf_counter() - started)
-            next_send += interval
-        connection.close()
-        with lock:
-            latencies.extend(local)
-            errors.extend(local_errors)
-
-    threads = [threading.Thread(target=client, args=(i * interval / clients,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    return {
-        "clients": clients,
-        "seconds": round(elapsed, 2),
-        "rate_per_client": rate_per_client,
-        "requests": len(latencies),
-        "requests_per_second": round(len(latencies) / elapsed, 1),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors)),
-        **percentiles(latencies),
-    }
-
-
-def bench_serving(model_path: Path, body: bytes, clients: int, seconds: float, rate_per_client: float) -> dict:
-    """Start ``fmnist serve`` in its own process; time its cold start; load it; read its peak RSS."""
-    port = free_port()
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fmnist", "serve", "--port", str(port), "--model", str(model_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=environment,
-    )
-    try:
-        cold_start = None
-        while time.perf_counter() - started < 30:
-            if process.poll() is not None:
-                raise RuntimeError(f"fmnist serve exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                if _post(connection, body) == 200:
-                    cold_start = time.perf_counter() - started
-                    connection.close()
-                    break
-            except OSError:
-                time.sleep(0.02)
-        if cold_start is None:
-            raise RuntimeError("fmnist serve did not answer within 30 s.")
-        paced = http_load(port, body, clients, seconds, rate_per_client)
-        saturated = http_load(port, body, clients, min(seconds, 5.0), 0.0)
-        rss = peak_rss_mb(process.pid)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    return {
-        "cold_start_to_first_answer_s": round(cold_start, 3),
-        "peak_rss_mb": rss,
-        "load": paced,
-        "saturation": saturated,
-    }
-
-
 def run_benchmark(
     keras_model_path: Path,
     litert_models: dict[str, Path],
@@ -248,6 +129,8 @@ def run_benchmark(
     clients: int = 32,
     seconds: float = 20.0,
     rate_per_client: float = 5.0,
+    closed_clients: int = 64,
+    slow_clients: int = 500,
     serve_model: str = "int8",
 ) -> dict:
     """Measure everything in one process (one thread per engine) and write ``out`` as JSON."""
@@ -299,11 +182,22 @@ def run_benchmark(
         name: predict_p50 / figures["p50_ms"] for name, figures in results["latency"].items()
     }
     body = sample_photo(images[0])
-    say(f"serving {serve_model}: cold start, then {clients} clients x {rate_per_client:g}/s for {seconds:g} s ...")
+    from fmnist.loadtest import run_loadtest
+
+    say(f"serving {serve_model}: a fresh `fmnist serve` process, loaded and abused ...")
     results["serving"] = {
         "model": serve_model,
         "request_image": f"{len(body):,}-byte 224x224 RGB JPEG (a camera frame)",
-        **bench_serving(litert_models[serve_model], body, clients, seconds, rate_per_client),
+        **run_loadtest(
+            litert_models[serve_model],
+            body,
+            paced_clients=clients,
+            rate_per_client=rate_per_client,
+            closed_clients=closed_clients,
+            seconds=seconds,
+            slow_count=slow_clients,
+            say=say,
+        ),
     }
     results["settings"] = {
         "runs": runs,
@@ -332,16 +226,36 @@ def format_results(results: dict) -> str:
         )
     lines.append("batch throughput (images/s):")
     lines += [f"  {name:<22} {value:12,.0f}" for name, value in results["throughput"].items()]
-    serving = results["serving"]
-    load, saturation = serving["load"], serving["saturation"]
-    lines += [
-        f"serving ({serving['model']}): cold start to first answer {serving['cold_start_to_first_answer_s']:.2f} s, "
-        f"peak RSS {serving['peak_rss_mb']:.0f} MB",
-        f"  HTTP under load ({load['clients']} clients x {load['rate_per_client']:g} req/s, {load['seconds']:.0f} s): "
-        f"{load['requests']} requests, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
-        f"errors {load['errors']}",
-        f"  HTTP saturated ({saturation['clients']} clients, no pause): "
-        f"{saturation['requests_per_second']:,.0f} req/s, "
-        f"p50 {saturation['p50_ms']:.2f} ms, errors {saturation['errors']}",
-    ]
+    lines.append(format_serving(results["serving"]))
     return "\n".join(lines)
+
+
+def format_serving(serving: dict) -> str:
+    """The load test's figures as lines of text (``fmnist bench`` and ``fmnist loadtest`` print them)."""
+    idle, load, closed, slow, hostile = (
+        serving["idle"],
+        serving["load"],
+        serving["closed_loop"],
+        serving["slow"],
+        serving["hostile"],
+    )
+    healthz = slow["healthz"]
+    return "\n".join(
+        [
+            f"serving ({serving.get('model', 'int8')}): cold start to first answer "
+            f"{serving['cold_start_to_first_answer_s']:.2f} s, peak RSS {serving['peak_rss_mb']:.0f} MB, "
+            f"{serving['log_lines']} log lines ({serving['log_tracebacks']} tracebacks)",
+            f"  idle, one request at a time: p50 {idle['p50_ms']:.2f} ms, p99 {idle['p99_ms']:.2f} ms",
+            f"  paced ({load['clients']} clients x {load['rate_per_client']:g} req/s, {load['seconds']:.0f} s): "
+            f"{load['requests']} requests, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms, "
+            f"errors {load['errors']}",
+            f"  closed loop ({closed['clients']} clients back to back, {closed['seconds']:.0f} s): "
+            f"{closed['requests_per_second']:,.0f} req/s, p50 {closed['p50_ms']:.2f} ms, "
+            f"p99 {closed['p99_ms']:.2f} ms, "
+            f"errors {closed['errors']}, peak RSS {closed['peak_rss_mb']:.0f} MB",
+            f"  {slow['slow_clients']} slow clients: /healthz p50 {healthz['p50_ms']:.2f} ms, "
+            f"p99 {healthz['p99_ms']:.2f} ms, errors {healthz['errors']}",
+            f"  {hostile['clients']} concurrent hostile decodes: peak RSS {hostile['peak_rss_mb']:.0f} MB, "
+            f"server errors {hostile['server_errors']}",
+        ]
+    )

@@ -1,4 +1,11 @@
-"""The ``fmnist`` command: run the study's chain of notebooks, or one stage of it."""
+"""The fmnist command: run the study, classify and serve images, benchmark the classifier.
+
+Examples:
+  fmnist run                          the whole study into reports/, then reports/report.html
+  fmnist run --params params/smoke --out build/smoke   the tiny profile (about 2 minutes)
+  fmnist classify shirt.jpg           top classes of an image (no TensorFlow needed)
+  fmnist serve                        the page and JSON API on http://127.0.0.1:8000/
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,36 @@ import os
 import socket
 import sys
 
+from fmnist import __version__
 from fmnist.config import ALL_STAGES, PARAMS_DIR, REPORTS_DIR
+
+
+def bounded_int(low: int, high: int, what: str):
+    """An argparse type: a whole number from ``low`` to ``high``, or a usage error that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ({what}: {low} to {high})") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({what}: {low} to {high})")
+        return value
+
+    return parse
+
+
+CLASSIFY_EXIT_CODES = """exit codes:
+  0  every image was classified
+  1  at least one image could not be read or decoded (each says why on stderr; the others are still classified)
+  2  usage error, or the model could not be loaded"""
+SERVE_EXIT_CODES = """exit codes:
+  0  stopped with Ctrl-C
+  2  usage error, the model could not be loaded, or the address could not be bound
+
+TLS: --certfile cert.pem --keyfile key.pem serve HTTPS, which browsers on other machines need for the camera.
+A local test certificate: openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=fmnist \\
+  -keyout key.pem -out cert.pem"""
 
 
 def _run(arguments: argparse.Namespace) -> int:
@@ -68,9 +104,11 @@ def _classify(arguments: argparse.Namespace) -> int:
     for path in arguments.images:
         try:
             prediction = classifier.classify(path, top_k=arguments.top_k)
-        except ImageError as error:
+        except (ImageError, OSError) as error:
+            # One line per file that cannot be used; the remaining files are still classified.
             failures += 1
-            print(f"{path}: error: {error}", file=sys.stderr)
+            message = error if isinstance(error, ImageError) else f"cannot read it ({error.strerror or error})"
+            print(f"{path}: error: {message}", file=sys.stderr)
             continue
         if arguments.json:
             print(json.dumps({"file": path, **prediction.as_dict()}))
@@ -82,10 +120,18 @@ def _classify(arguments: argparse.Namespace) -> int:
 
 def _serve(arguments: argparse.Namespace) -> int:
     from fmnist.inference import ModelError
-    from fmnist.serve import serve
+    from fmnist.serve import Limits, serve
 
     try:
-        serve(arguments.model, host=arguments.host, port=arguments.port, verbose=arguments.verbose)
+        serve(
+            arguments.model,
+            host=arguments.host,
+            port=arguments.port,
+            verbose=arguments.verbose,
+            certfile=arguments.certfile,
+            keyfile=arguments.keyfile,
+            limits=Limits(max_connections=arguments.max_connections),
+        )
     except (ModelError, ImportError, OSError) as error:
         print(f"fmnist serve: error: {error}", file=sys.stderr)
         return 2
@@ -119,12 +165,42 @@ def _bench(arguments: argparse.Namespace) -> int:
         seconds=arguments.seconds,
         clients=arguments.clients,
         rate_per_client=arguments.rate,
+        closed_clients=arguments.closed_clients,
+        slow_clients=arguments.slow_clients,
         serve_model=arguments.serve_model,
         runs=arguments.runs,
         keras_runs=max(20, arguments.runs // 10),
     )
     print(bench.format_results(results))
     print(f"fmnist bench: figures written to {out}")
+    return 0
+
+
+def _loadtest(arguments: argparse.Namespace) -> int:
+    from fmnist.bench import format_serving, sample_photo
+    from fmnist.inference import DEFAULT_MODEL
+    from fmnist.io import write_json
+    from fmnist.loadtest import run_loadtest, synthetic_article
+
+    model = arguments.model or DEFAULT_MODEL
+    if not os.path.isfile(model):
+        print(f"fmnist loadtest: error: {model}: model file not found; give --model PATH to a .tflite file.")
+        return 2
+    figures = run_loadtest(
+        model,
+        sample_photo(synthetic_article()),
+        paced_clients=arguments.clients,
+        rate_per_client=arguments.rate,
+        closed_clients=arguments.closed_clients,
+        seconds=arguments.seconds,
+        slow_count=arguments.slow_clients,
+        say=lambda message: print(f"[loadtest] {message}", file=sys.stderr, flush=True),
+    )
+    figures = {"model": os.path.basename(model), **figures}
+    print(format_serving(figures))
+    if arguments.json:
+        write_json(arguments.json, figures)
+        print(f"fmnist loadtest: figures written to {arguments.json}")
     return 0
 
 
@@ -167,11 +243,36 @@ def _tune_worker(arguments: argparse.Namespace) -> int:
         return 2
 
 
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving load's shape, shared by ``bench`` and ``loadtest``."""
+    positive = bounded_int(1, 10_000, "clients")
+    parser.add_argument("--clients", type=positive, default=32, help="paced HTTP clients (default: %(default)s)")
+    parser.add_argument(
+        "--rate", type=float, default=5.0, help="requests per second per paced client (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--closed-clients", type=positive, default=64, help="clients sending back to back (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--slow-clients", type=positive, default=500, help="clients trickling their headers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="duration of each load phase (default: %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fmnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="run the study's notebooks in order with papermill and render the HTML report"
+        "run",
+        help="run the study's notebooks in order with papermill and render the HTML report",
+        description="Run the study's notebooks in order with papermill into a work directory beside OUT, then "
+        "publish them whole into OUT with the HTML report. Stages whose inputs are unchanged are kept; an "
+        "interrupted run resumes. Example: fmnist run --params params/smoke --out build/smoke",
     )
     run.add_argument("--params", default=str(PARAMS_DIR), help="params profile directory (default: %(default)s)")
     run.add_argument("--out", default=str(REPORTS_DIR), help="where artifacts and the report go (default: %(default)s)")
@@ -189,34 +290,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute every stage from scratch (default: keep current stages, resume an interrupted run)",
     )
     run.set_defaults(handler=_run)
-    check = commands.add_parser("data", help="find and verify the four Fashion-MNIST files (checksums included)")
+    check = commands.add_parser(
+        "data",
+        help="find and verify the four Fashion-MNIST files (checksums included)",
+        description="Look for the IDX files ($FMNIST_DATA_DIR, Debian's dataset-fashion-mnist, ~/.keras/datasets), "
+        "download them unless --offline, and verify their checksums. Example: fmnist data --offline",
+    )
     check.add_argument("--offline", action="store_true", help="do not try the official download")
     check.set_defaults(handler=_data)
 
-    classify = commands.add_parser("classify", help="classify image files with the LiteRT model (no TensorFlow)")
+    classify = commands.add_parser(
+        "classify",
+        help="classify image files with the LiteRT model (no TensorFlow)",
+        description="Classify image files with the LiteRT model; needs only `pip install 'fmnist[serve]'`. "
+        "Example: fmnist classify shirt.jpg boot.png --top-k 2",
+        epilog=CLASSIFY_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, WebP, BMP or GIF files")
-    classify.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
+    classify.add_argument(
+        "--top-k",
+        type=bounded_int(1, 10, "classes per image"),
+        default=3,
+        help="classes to show per image, 1 to 10 (default: %(default)s)",
+    )
     classify.add_argument("--json", action="store_true", help="one JSON object per line")
     classify.add_argument("--model", help="a .tflite model (default: the one shipped with fmnist)")
     classify.set_defaults(handler=_classify)
 
-    server = commands.add_parser("serve", help="serve the web page and the JSON API (POST /predict, GET /healthz)")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    server.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    server = commands.add_parser(
+        "serve",
+        help="serve the web page and the JSON API (POST /predict, GET /healthz, /docs)",
+        description="Serve the page and the JSON API on uvicorn. Example: fmnist serve --port 8000, then open "
+        "http://127.0.0.1:8000/ (the API is described at /docs).",
+        epilog=SERVE_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 opens it to the network (default: %(default)s)"
+    )
+    server.add_argument("--port", type=bounded_int(0, 65535, "port"), default=8000, help="port (default: %(default)s)")
     server.add_argument("--model", help="a .tflite model (default: the one shipped with fmnist)")
-    server.add_argument("--verbose", action="store_true", help="log every request")
+    server.add_argument("--certfile", help="TLS certificate (PEM): serve HTTPS; needs --keyfile")
+    server.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
+    server.add_argument(
+        "--max-connections",
+        type=bounded_int(1, 100_000, "open connections"),
+        default=1024,
+        help="open connections before new ones get a 503 (default: %(default)s)",
+    )
+    server.add_argument("--verbose", action="store_true", help="log every request, and tracebacks of failures")
     server.set_defaults(handler=_serve)
 
-    benchmark = commands.add_parser("bench", help="measure size, latency, throughput and serving; write a JSON")
+    benchmark = commands.add_parser(
+        "bench",
+        help="measure size, latency, throughput and serving; write a JSON",
+        description="Measure a study run's models (Keras and LiteRT, one thread each), then load and abuse a "
+        "fresh `fmnist serve` (see `fmnist loadtest`). Example: fmnist bench --out reports",
+    )
     benchmark.add_argument("--out", default=str(REPORTS_DIR), help="the study run to measure (default: %(default)s)")
     benchmark.add_argument("--json", help="where to write the figures (default: OUT/deploy/bench.json)")
-    benchmark.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (default: %(default)s)")
-    benchmark.add_argument("--seconds", type=float, default=20.0, help="HTTP load duration (default: %(default)s)")
-    benchmark.add_argument(
-        "--rate", type=float, default=5.0, help="requests per second per client (default: %(default)s)"
-    )
     benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
-    benchmark.add_argument("--serve-model", choices=("float32", "int8"), default="int8")
+    add_load_arguments(benchmark)
+    benchmark.add_argument(
+        "--serve-model",
+        choices=("float32", "int8"),
+        default="int8",
+        help="the LiteRT model the serving figures use (default: %(default)s)",
+    )
     benchmark.set_defaults(handler=_bench)
 
     worker = commands.add_parser(
@@ -237,7 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-dir", help="the Fashion-MNIST files (default: the usual places, see `fmnist data`)")
     worker.set_defaults(handler=_tune_worker)
 
-    latency = commands.add_parser("latency", help="single-image LiteRT latency and size of .tflite models")
+    load = commands.add_parser(
+        "loadtest",
+        help="load and abuse a fresh `fmnist serve` process; print and record the figures",
+        description="Start `fmnist serve` on loopback, then: one idle client; hostile uploads from 8 clients at "
+        "once; paced clients; clients back to back; slow clients trickling headers while /healthz is polled. "
+        "Needs no TensorFlow. Example: fmnist loadtest --json build/loadtest.json",
+    )
+    load.add_argument("--model", help="a .tflite model (default: the one shipped with fmnist)")
+    load.add_argument("--json", help="also write the figures to this file")
+    add_load_arguments(load)
+    load.set_defaults(handler=_loadtest)
+
+    latency = commands.add_parser(
+        "latency",
+        help="single-image LiteRT latency and size of .tflite models",
+        description="Time one-image LiteRT inference on one thread. Example: fmnist latency reports/deploy/*.tflite",
+    )
     latency.add_argument("models", nargs="+", metavar="MODEL", help=".tflite files")
     latency.add_argument("--runs", type=int, default=1000, help="timed runs per model (default: %(default)s)")
     latency.add_argument("--json", help="also write the figures to this file")
@@ -246,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.command == "serve" and bool(arguments.certfile) != bool(arguments.keyfile):
+        parser.error("--certfile and --keyfile go together: give both to serve HTTPS.")
     return arguments.handler(arguments)
 
 

@@ -1,4 +1,4 @@
-"""Export the trained Keras model to LiteRT: float32 and full-integer int8, builtin ops only."""
+"""Export the trained Keras model to LiteRT: float32 and full-integer int8, builtin ops only, logits out."""
 
 from __future__ import annotations
 
@@ -16,26 +16,43 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
+# The name of the exported models' one output: the classifier's logits, before the softmax.
+LOGITS = "logits"
+
 
 def inference_graph(model: keras.Model) -> keras.Model:
-    """The same layers and weights, rewired for export: Dropout dropped, Flatten as a constant reshape.
+    """The same layers and weights, rewired for export: Dropout dropped, Flatten as a constant reshape, and
+    the final softmax Dense as a linear Dense with the same weights, whose logits are the output "logits".
 
-    The model must be a plain stack of layers (the seed CNN and the bn_cnn family are).
+    The model must be a plain stack of layers ending in a softmax Dense (the seed CNN and the bn_cnn family are).
 
     Keras lowers ``Flatten`` on a dynamic batch to SHAPE/STRIDED_SLICE/PACK ops, which split the graph
     that XNNPACK can delegate; a reshape to ``(-1, features)`` keeps the whole network in one delegate
     and still accepts any batch size. The outputs are identical.
+
+    The runtime (:class:`fmnist.inference.Classifier`) applies the softmax in float32. An int8 model that
+    ended in the softmax would quantise probabilities in steps of 1/256: the top class could never show
+    more than 99.6% and every runner-up below 0.4% would read 0%.
     """
+    stack = [layer for layer in model.layers if not isinstance(layer, layers.InputLayer | layers.Dropout)]
+    last = stack[-1] if stack else None
+    if not isinstance(last, layers.Dense) or getattr(last.activation, "__name__", None) != "softmax":
+        raise ValueError(
+            f"{model.name}: the last layer must be a Dense with a softmax activation, not {last!r}; "
+            "export a classifier built by fmnist.model.build_network."
+        )
     inputs = keras.Input(shape=model.input_shape[1:], name="image")
     outputs = inputs
-    for layer in model.layers:
-        if isinstance(layer, layers.InputLayer | layers.Dropout):
-            continue
+    for layer in stack[:-1]:
         if isinstance(layer, layers.Flatten):
             outputs = keras.ops.reshape(outputs, (-1, int(np.prod(outputs.shape[1:]))))
         else:
             outputs = layer(outputs)
-    return keras.Model(inputs, outputs, name=f"{model.name}_inference")
+    logits_layer = layers.Dense(last.units, use_bias=last.use_bias, name=LOGITS)
+    logits = logits_layer(outputs)
+    logits_layer.set_weights(last.get_weights())
+    # A dict output names the model's signature output, which is how the runtime tells logits from probabilities.
+    return keras.Model(inputs, {LOGITS: logits}, name=f"{model.name}_inference")
 
 
 def _converter(model) -> tf.lite.TFLiteConverter:

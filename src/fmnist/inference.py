@@ -7,10 +7,11 @@ right after ``pip install .[serve]``, before anyone runs the study.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from fmnist.config import CLASS_NAMES, IMAGE_SIZE, PACKAGE_DIR
 from fmnist.preprocess import prepare_image
 
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "fmnist_int8.tflite"
+# The signature output name of a model that outputs logits (fmnist.export.LOGITS); any other output is
+# read as probabilities, as models exported before the logits output are.
+LOGITS_OUTPUT = "logits"
 
 
 class ModelError(ValueError):
@@ -27,16 +31,45 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes of one image, best first, and how long the model took."""
+    """The top classes of one image, best first, how long the model took, and the 28x28 image it saw."""
 
     classes: list[tuple[str, float]]
     inference_ms: float
+    # The model's input as uint8 grey levels (28, 28), light article on black; None when not recorded.
+    model_input: np.ndarray | None = field(default=None, compare=False, repr=False)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
+    def as_dict(self, include_input: bool = False) -> dict[str, object]:
+        """The JSON answer; ``include_input`` adds the 28x28 model input as base64 (784 bytes, row-major)."""
+        answer: dict[str, object] = {
             "predictions": [{"class": name, "probability": round(p, 6)} for name, p in self.classes],
             "inference_ms": round(self.inference_ms, 4),
         }
+        if include_input:
+            if self.model_input is None:
+                raise ValueError("this prediction has no model input; make it with Classifier.classify_array.")
+            pixels = np.ascontiguousarray(self.model_input, dtype=np.uint8)
+            if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"model_input has shape {pixels.shape}; expected ({IMAGE_SIZE}, {IMAGE_SIZE}).")
+            answer["model_input"] = {
+                "width": IMAGE_SIZE,
+                "height": IMAGE_SIZE,
+                "encoding": f"base64, {IMAGE_SIZE * IMAGE_SIZE} uint8 grey values, row-major",
+                "data": base64.b64encode(pixels.tobytes()).decode("ascii"),
+            }
+        return answer
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for any logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A prepared image in [0, 1] -> uint8 grey levels (28, 28), as the model saw it."""
+    levels = np.rint(np.asarray(image, dtype=np.float32).reshape(IMAGE_SIZE, IMAGE_SIZE) * 255.0)
+    return np.clip(levels, 0, 255).astype(np.uint8)
 
 
 def _interpreter_class():
@@ -63,7 +96,7 @@ class Classifier:
         except (ValueError, RuntimeError) as error:
             raise ModelError(f"{self.model_path}: not a usable LiteRT model ({error}).") from error
         self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
+        self._output, self.outputs_logits = self._find_output()
         image_shape, classes = tuple(self._input["shape"][1:3]), self._output["shape"][-1]
         if image_shape != (IMAGE_SIZE, IMAGE_SIZE) or classes != len(CLASS_NAMES):
             raise ModelError(
@@ -79,6 +112,14 @@ class Classifier:
         if self.quantized:
             info = np.iinfo(self._input_dtype)
             self._input_range = (float(info.min), float(info.max))
+
+    def _find_output(self) -> tuple[dict, bool]:
+        """The output tensor's details, and whether it holds logits (named so in the model's signature)."""
+        for signature in self.interpreter.get_signature_list():
+            outputs = self.interpreter.get_signature_runner(signature).get_output_details()
+            if LOGITS_OUTPUT in outputs:
+                return outputs[LOGITS_OUTPUT], True
+        return self.interpreter.get_output_details()[0], False
 
     @property
     def quantized(self) -> bool:
@@ -96,7 +137,11 @@ class Classifier:
         return (outputs.astype(np.float32) - self._output_zero) * self._output_scale
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """float32 images (N, 28, 28) or (N, 28, 28, 1) in [0, 1] -> probabilities (N, 10)."""
+        """float32 images (N, 28, 28) or (N, 28, 28, 1) in [0, 1] -> float32 probabilities (N, 10).
+
+        A model that outputs logits gets its softmax here, in float32, so an int8 model's probabilities are
+        not limited to steps of 1/256.
+        """
         images = np.asarray(images, dtype=np.float32).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
         with self._lock:
             if len(images) != self._batch:
@@ -105,17 +150,19 @@ class Classifier:
                 self._batch = len(images)
             self.interpreter.set_tensor(self._input["index"], self._quantize(images))
             self.interpreter.invoke()
-            return self._dequantize(self.interpreter.get_tensor(self._output["index"]))
+            outputs = self._dequantize(self.interpreter.get_tensor(self._output["index"]))
+        return softmax(outputs) if self.outputs_logits else outputs
 
     def classify_array(self, image: np.ndarray, top_k: int = 3) -> Prediction:
-        """One prepared (28, 28) image -> its top ``top_k`` classes."""
+        """One prepared (28, 28) image in [0, 1] -> its top ``top_k`` classes, and the image as uint8."""
         if not 1 <= top_k <= len(CLASS_NAMES):
             raise ValueError(f"top_k={top_k}: must be between 1 and {len(CLASS_NAMES)}.")
         started = time.perf_counter()
         probabilities = self.probabilities(image[np.newaxis])[0]
         elapsed_ms = (time.perf_counter() - started) * 1000
         order = np.argsort(-probabilities)[:top_k]
-        return Prediction([(CLASS_NAMES[i], float(probabilities[i])) for i in order], elapsed_ms)
+        classes = [(CLASS_NAMES[i], float(probabilities[i])) for i in order]
+        return Prediction(classes, elapsed_ms, model_input=to_uint8(image))
 
     def classify(self, source: bytes | str | os.PathLike[str], top_k: int = 3) -> Prediction:
         """Any image (bytes or path) -> its top classes; bad input raises ``ImageError``."""

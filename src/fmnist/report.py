@@ -205,17 +205,29 @@ def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
     latency["speed-up vs predict"] = latency["speed-up vs predict"].map("{:,.0f}×".format)
     latency["batch throughput (images/s)"] = latency["batch throughput (images/s)"].map("{:,.0f}".format)
     serving = bench["serving"]
-    load, saturation = serving["load"], serving["saturation"]
+    load, closed, idle = serving["load"], serving["closed_loop"], serving["idle"]
+    slow, hostile = serving["slow"], serving["hostile"]
+    server_errors = hostile["server_errors"] + sum(
+        1 for kind in load["error_kinds"] + closed["error_kinds"] if kind.startswith("HTTP 5")
+    )
     serving_lines = [
         f"The serving process (`fmnist serve`, {serving['model']} model), measured on loopback with "
-        f"{serving['request_image']} requests:",
+        f"{serving['request_image']} requests (`fmnist bench`, phases in this order):",
         "",
-        f"- cold start to first answer: **{serving['cold_start_to_first_answer_s']:.2f} s**; "
-        f"peak RSS: **{serving['peak_rss_mb']:.0f} MB**",
+        f"- cold start to first answer: **{serving['cold_start_to_first_answer_s']:.2f} s**",
+        f"- idle, one request at a time: round trip p50 **{idle['p50_ms']:.2f} ms**, p99 {idle['p99_ms']:.2f} ms",
+        f"- {hostile['clients']} clients at once sending hostile uploads (a 16-bit PNG claiming 6300×6300 pixels, "
+        f"a 24-megapixel JPEG, a 2048×2048 RGBA PNG, a truncated GIF, a TIFF) for {hostile['seconds']:g} s: "
+        f"peak RSS **{hostile['peak_rss_mb']:.0f} MB**, {hostile['server_errors']} server errors",
         f"- paced load, {load['clients']} clients × {load['rate_per_client']:g} requests/s for "
         f"{load['seconds']:.0f} s: {_http_figures(load)}",
-        f"- saturated, {saturation['clients']} clients without pause: "
-        f"**{saturation['requests_per_second']:,.0f} requests/s**, {_http_figures(saturation)}",
+        f"- closed loop, {closed['clients']} clients back to back for {closed['seconds']:.0f} s: "
+        f"**{closed['requests_per_second']:,.0f} requests/s**, {_http_figures(closed)}",
+        f"- {slow['slow_clients']} slow clients trickling their headers while a client polls `/healthz`: "
+        f"its p50 {slow['healthz']['p50_ms']:.2f} ms, p99 **{slow['healthz']['p99_ms']:.2f} ms**, "
+        f"{slow['healthz']['errors']} errors",
+        f"- whole run: peak RSS **{serving['peak_rss_mb']:.0f} MB**, {server_errors} 5xx answers, "
+        f"{serving['log_lines']:,} server log lines, {serving['log_tracebacks']} tracebacks",
     ]
     floor = bench.get("floor")
     if floor:
@@ -237,9 +249,16 @@ def deployment_block(layout: ArtifactLayout) -> str:
     lines = ["Test accuracy of each deployed form (10,000 images):", ""]
     for row in summary["accuracy"]:
         tolerance = f" (allowed ±{row['tolerance_points']} points)" if row["tolerance_points"] else ""
+        agreement = row.get("probability_difference")
+        served = (
+            f"; served probabilities within {agreement['p99']:.4f} of Keras' on 99% of images "
+            f"(median {agreement['p50']:.1e}, worst {agreement['max']:.3f})"
+            if agreement
+            else ""
+        )
         lines.append(
             f"- **{row['model'].replace('_', ' ')}**: {row['test_accuracy']:.4f}, "
-            f"{row['difference_points']:+.2f} points from Keras{tolerance}"
+            f"{row['difference_points']:+.2f} points from Keras{tolerance}{served}"
         )
     return "\n".join(lines)
 
