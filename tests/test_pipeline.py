@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,9 @@ def test_report_is_one_self_contained_page_with_the_results(smoke_run):
     assert "begin_stage" not in html  # Code is hidden.
     assert (layout.executed_notebooks / "03_train.html").is_file()
     assert 'href="notebooks/03_train.html"' in html
+    # Offline: no script or stylesheet from elsewhere, in the report or the stage pages.
+    for page in (html, (layout.executed_notebooks / "03_train.html").read_text()):
+        assert not re.search(r"""<(script|link)[^>]+(src|href)=["']https?://""", page)
 
 
 def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smoke_run):

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -472,3 +473,17 @@ def test_float_images_with_nan_or_infinity_stay_in_range():
     levels[1, :10] = np.inf
     grey = to_grey(Image.fromarray(levels))
     assert np.isfinite(grey).all() and grey.min() >= 0.0 and grey.max() <= 255.0
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding():
+    """Each scan costs a pass over the whole image: 1,500 repeated scans took 11 s of CPU to decode."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2048, 2048), (128, 128, 128)).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda") : -2]
+    bomb = data[:-2] + last_scan * 1500 + data[-2:]
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="1,5.. scans"):
+        prepare_image(bomb)
+    assert time.perf_counter() - started < 0.5
+    assert prepare_image(data).shape == (28, 28)  # The same image with its own ten scans is fine.

@@ -134,6 +134,7 @@ def test_predict_multipart_and_raw_body_with_the_image_the_model_saw(server):
         (png_bytes(trouser())[:300], {}, 422, "truncated or corrupt"),
         (*multipart("picture", png_bytes(trouser())), 400, "no field 'file'"),
         (b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}, 400, "no field 'file'"),
+        (b"--x\r\n", {"Content-Type": "multipart/form-data; boundary=" + "B" * 5000}, 400, "valid boundary"),
         (b"{}", {"Content-Type": "application/json"}, 415, "is not accepted"),
         (png_bytes(trouser(), "TIFF"), {"Content-Type": "image/tiff"}, 415, "is not accepted"),
         # Sniffed, not declared: Pillow is only offered the five accepted formats.
@@ -145,7 +146,7 @@ def test_bad_input_gets_the_error_shape_and_the_server_keeps_serving(server, bod
     assert_alive(server)
 
 
-@pytest.mark.parametrize("top_k", ["0", "11", "-1", "three"])
+@pytest.mark.parametrize("top_k", ["0", "11", "-1", "three", "%C2%B2", "%EF%BC%93"])
 def test_bad_top_k_is_a_422(server, top_k):
     assert_error_shape(*request(server, "POST", f"/predict?top_k={top_k}", png_bytes(trouser())), 422, "top_k")
 
@@ -168,9 +169,13 @@ def test_framing_errors_are_json_with_the_right_status(server):
     duplicate = f"{head}Content-Length: {len(image) + 1}\r\n\r\n".encode() + image
     assert_error_shape(*raw_exchange(server, duplicate), 400, "bad HTTP request")
     smuggled = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"0\r\n\r\n"
+    unknown_coding = b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+    assert_error_shape(*raw_exchange(server, unknown_coding), 400, "bad HTTP request")
     assert_error_shape(*raw_exchange(server, smuggled), 400, "Transfer-Encoding and Content-Length")
     huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n"
     assert_error_shape(*raw_exchange(server, huge), 431, "headers")
+    long_url = b"GET /" + b"a" * MAX_HEADER_BYTES + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert_error_shape(*raw_exchange(server, long_url), 431, "headers")
     no_length = b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert_error_shape(*raw_exchange(server, no_length), 411, "Content-Length is required")
     assert_alive(server)
@@ -225,16 +230,30 @@ def test_a_full_body_budget_answers_503_with_retry_after(classifier):
     limits = Limits(body_budget_bytes=100_000, queue_wait=0.3, body_timeout=5.0, header_timeout=5.0)
     with BackgroundServer(classifier, limits=limits) as url:
         port = int(url.rstrip("/").rsplit(":", 1)[1])
-        # One client reserves the whole budget with a body it has not finished sending.
+        # Declaring a large body holds nothing: only bytes that arrive count.
+        bluff = socket.create_connection(("127.0.0.1", port))
+        bluff.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nxx")
+        time.sleep(0.3)
+        assert request(port, "POST", "/predict", png_bytes(trouser()))[0] == 200
+        # One client that has really sent most of the budget, and stalls, makes the next upload wait, then 503.
         hog = socket.create_connection(("127.0.0.1", port))
-        hog.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nxx")
+        hog.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 99_990)
         time.sleep(0.3)
         status, headers, payload = request(port, "POST", "/predict", png_bytes(trouser()))
         assert_error_shape(status, headers, payload, 503, "busy")
         assert headers["retry-after"] == "1"
         hog.close()
+        bluff.close()
         time.sleep(0.3)
         assert request(port, "POST", "/predict", png_bytes(trouser()))[0] == 200
+
+
+def test_an_oversized_upload_sent_whole_still_reads_its_413(server):
+    """A client that sends the whole body before reading gets the answer, not a connection reset."""
+    oversized = b"x" * (MAX_BODY_BYTES + 1024)
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(oversized)}\r\n\r\n".encode()
+    status, headers, answer = raw_exchange(server, head + oversized)
+    assert_error_shape(status, headers, answer, 413, "limit")
 
 
 def test_failures_log_one_line_without_tracebacks(classifier, caplog, monkeypatch):

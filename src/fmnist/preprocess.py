@@ -44,6 +44,8 @@ MAX_HEADER_PIXELS = 8192 * 8192
 MAX_SEGMENTS = 8192
 # Stray bytes tolerated between JPEG markers (a few are common; Pillow skips each one in Python).
 MAX_STRAY_JPEG_BYTES = 1024
+# Each scan of a progressive JPEG costs the decoder a pass over the whole image; encoders write about 10.
+MAX_JPEG_SCANS = 64
 MAX_ASPECT_RATIO = 20.0
 MIN_SIDE = 4
 # Finding the article needs no more resolution than this, so larger images are shrunk to it first.
@@ -158,6 +160,13 @@ def check_structure(data: bytes) -> None:
         segments, stray = png_chunks(data), 0
     elif data.startswith(b"\xff\xd8"):
         segments, stray, _ = jpeg_layout(data)
+        # Entropy-coded data never holds FF DA (an FF there is followed by 00 or a restart marker).
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(
+                f"corrupt or hostile JPEG: {scans:,} scans, over the {MAX_JPEG_SCANS} any encoder writes; "
+                "re-save it with an ordinary image editor."
+            )
     elif data.startswith((b"GIF87a", b"GIF89a")):
         segments, stray = gif_blocks(data), 0
     else:

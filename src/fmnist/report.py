@@ -7,7 +7,15 @@ from typing import Any
 
 import pandas as pd
 
-from fmnist.config import ALL_STAGES, BENCHMARK_URL, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
+from fmnist.config import (
+    ALL_STAGES,
+    BENCHMARK_URL,
+    OPTIONAL_STAGES,
+    PACKAGE_DIR,
+    REPORT_NOTEBOOK,
+    STAGES,
+    ArtifactLayout,
+)
 from fmnist.io import read_json, write_text
 from fmnist.manifest import describe_machine
 from fmnist.results import ROLE_LABELS
@@ -407,7 +415,11 @@ def _export(notebook_file: Path, target: Path, *, hide_code: bool) -> Path:
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(
-        template_name="lab", exclude_input=hide_code, exclude_input_prompt=hide_code, exclude_output_prompt=hide_code
+        template_name="fmnist_offline",
+        extra_template_basedirs=[str(PACKAGE_DIR / "assets" / "nbconvert")],
+        exclude_input=hide_code,
+        exclude_input_prompt=hide_code,
+        exclude_output_prompt=hide_code,
     )
     notebook = nbformat.read(notebook_file, as_version=4)
     body, _ = exporter.from_notebook_node(notebook)

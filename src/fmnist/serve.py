@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -136,10 +137,12 @@ def raw_error(status: int, message: str) -> bytes:
 
 
 class BodyBudget:
-    """Bytes of request bodies held at once, over all requests; a request reserves before it reads.
+    """Bytes of request bodies held at once, over all requests, counted as they arrive.
 
-    A request that does not fit waits up to ``wait_seconds`` for others to finish, then gets a
-    503 with Retry-After: memory stays bounded, and a burst queues briefly instead of failing.
+    A request takes its share chunk by chunk, so a client must really send bytes to hold memory
+    (declaring a large Content-Length holds nothing). A chunk that does not fit waits up to
+    ``wait_seconds`` for other requests to finish, then the request gets a 503 with Retry-After:
+    memory stays bounded, and a burst queues briefly instead of failing.
     """
 
     def __init__(self, capacity: int = BODY_BUDGET_BYTES, wait_seconds: float = QUEUE_WAIT_SECONDS):
@@ -149,24 +152,39 @@ class BodyBudget:
         self._changed: asyncio.Condition | None = None
 
     @contextlib.asynccontextmanager
-    async def reserve(self, size: int) -> AsyncIterator[None]:
+    async def hold(self) -> AsyncIterator[BodyBudget.Share]:
+        """A share of the budget for one request; everything it took is given back on exit."""
         if self._changed is None:
             self._changed = asyncio.Condition()
-        size = min(size, self.capacity)
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.used + size <= self.capacity), self.wait_seconds
-                )
-            except TimeoutError:
-                raise ApiError(503, "the server is busy: retry in a second.", {"Retry-After": "1"}) from None
-            self.used += size
+        share = BodyBudget.Share(self)
         try:
-            yield
+            yield share
         finally:
-            async with self._changed:
-                self.used -= size
-                self._changed.notify_all()
+            if share.taken:
+                async with self._changed:
+                    self.used -= share.taken
+                    self._changed.notify_all()
+
+    class Share:
+        def __init__(self, budget: BodyBudget):
+            self.budget = budget
+            self.taken = 0
+
+        async def take(self, size: int) -> None:
+            budget = self.budget
+            size = min(size, budget.capacity)
+            async with budget._changed:  # noqa: SLF001 - the budget's own lock.
+                try:
+                    await asyncio.wait_for(
+                        budget._changed.wait_for(lambda: budget.used + size <= budget.capacity),  # noqa: SLF001
+                        budget.wait_seconds,
+                    )
+                except TimeoutError:
+                    raise ApiError(
+                        503, "the server is busy: retry in a second.", {"Retry-After": "1", "Connection": "close"}
+                    ) from None
+                budget.used += size
+                self.taken += size
 
 
 def declared_length(request: Request) -> int | None:
@@ -193,28 +211,34 @@ def declared_length(request: Request) -> int | None:
     return int(length)
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_SECONDS) -> bytes:
-    """The whole body, at most ``limit`` bytes, within ``timeout`` seconds (413 and 408 otherwise)."""
-    chunks, size = [], 0
+async def read_body(
+    request: Request, share: BodyBudget.Share, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_SECONDS
+) -> bytearray:
+    """The whole body, at most ``limit`` bytes, within ``timeout`` seconds (413 and 408 otherwise).
+
+    Each chunk is counted against the body budget before it is kept, and the chunks go into one
+    buffer, so the body is held once.
+    """
+    body = bytearray()
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
+                if len(body) + len(chunk) > limit:
                     raise ApiError(
                         413,
                         f"upload is over the {MAX_UPLOAD_BYTES:,}-byte limit: send a smaller image.",
                         {"Connection": "close"},
                     )
-                chunks.append(chunk)
+                await share.take(len(chunk))
+                body += chunk
     except TimeoutError:
         raise ApiError(
             408,
-            f"the body did not arrive within {timeout:.0f} s ({size:,} bytes received): send it whole, "
+            f"the body did not arrive within {timeout:.0f} s ({len(body):,} bytes received): send it whole, "
             "and no more bytes than Content-Length says.",
             {"Connection": "close"},
         ) from None
-    return b"".join(chunks)
+    return body
 
 
 def image_from_body(content_type: str, body: bytes) -> bytes:
@@ -223,8 +247,9 @@ def image_from_body(content_type: str, body: bytes) -> bytes:
     media_type = media_type.decode("latin-1").lower()
     if media_type == "multipart/form-data":
         boundary = options.get(b"boundary")
-        if not boundary:
-            raise ApiError(400, "multipart body without a boundary: let the client library build the form.")
+        if not boundary or len(boundary) > 70:
+            # RFC 2046: a boundary has 1 to 70 characters.
+            raise ApiError(400, "multipart body without a valid boundary: let the client library build the form.")
         return _multipart_file(boundary, body)
     if media_type and media_type not in IMAGE_CONTENT_TYPES:
         raise ApiError(
@@ -257,17 +282,15 @@ def _multipart_file(boundary: bytes, body: bytes) -> bytes:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         parts[-1]["data"].append(data[start:end])
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-        },
-    )
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
     try:
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
     except ApiError:
@@ -295,8 +318,8 @@ def top_k_from(request: Request, default: int) -> int:
     value = request.query_params.get("top_k")
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= len(CLASS_NAMES):
-        raise ApiError(422, f"top_k={value!r}: give a whole number from 1 to {len(CLASS_NAMES)}.")
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= len(CLASS_NAMES):
+        raise ApiError(422, f"top_k={value[:20]!r}: give a whole number from 1 to {len(CLASS_NAMES)}.")
     return int(value)
 
 
@@ -308,8 +331,15 @@ class Service:
         self.top_k = top_k
         self.limits = limits or Limits()
         self.body_budget = BodyBudget(self.limits.body_budget_bytes, self.limits.queue_wait)
-        # Created on first use, inside the server's event loop.
+        # Created on first use, inside the server's event loop: decode slots, and the threads that run them.
         self.limiter: anyio.CapacityLimiter | None = None
+        self._threads: anyio.CapacityLimiter | None = None
+
+    @property
+    def threads(self) -> anyio.CapacityLimiter:
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(self.limits.decode_threads)
+        return self._threads
 
     def classify(self, content_type: str, body: bytes, top_k: int) -> dict[str, object]:
         prediction = self.classifier.classify(image_from_body(content_type, body), top_k=top_k)
@@ -317,17 +347,27 @@ class Service:
 
     async def predict(self, request: Request) -> Response:
         top_k = top_k_from(request, self.top_k)
-        length = declared_length(request)
-        async with self.body_budget.reserve(MAX_BODY_BYTES if length is None else length):
-            body = await read_body(request, timeout=self.limits.body_timeout)
+        declared_length(request)
+        async with self.body_budget.hold() as share:
+            body = await read_body(request, share, timeout=self.limits.body_timeout)
             if self.limiter is None:
                 self.limiter = anyio.CapacityLimiter(self.limits.decode_threads)
+            # A decode slot is waited for only so long: a burst of slow images answers 503, not a queue.
+            try:
+                with anyio.fail_after(self.limits.queue_wait):
+                    await self.limiter.acquire()
+            except TimeoutError:
+                raise ApiError(
+                    503, "the server is busy decoding other images: retry in a second.", {"Retry-After": "1"}
+                ) from None
             try:
                 answer = await anyio.to_thread.run_sync(
-                    self.classify, request.headers.get("content-type", ""), body, top_k, limiter=self.limiter
+                    self.classify, request.headers.get("content-type", ""), body, top_k, limiter=self.threads
                 )
             except ImageError as error:
                 raise ApiError(422 if body else 400, str(error)) from None
+            finally:
+                self.limiter.release()
         return JSONResponse(answer)
 
     async def healthz(self, request: Request) -> Response:
@@ -350,9 +390,10 @@ class Service:
 async def http_error(request: Request, error: HTTPException) -> Response:
     """Starlette's own errors (404, 405 with Allow) in the one error shape."""
     if error.status_code == 404:
-        message = f"no such page: {request.url.path}; the page is /, the API is POST /predict (see /docs)."
+        message = f"no such page: {request.url.path[:100]!r}; the page is /, the API is POST /predict (see /docs)."
     elif error.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}: use {error.headers.get('Allow', '')}."
+        allowed = error.headers.get("Allow", "")
+        message = f"{request.method[:16]} is not allowed on {request.url.path[:100]!r}: use {allowed}."
     else:
         message = str(error.detail)
     return error_response(error.status_code, message, error.headers)
@@ -398,6 +439,7 @@ class Guard:
 
         started = time.perf_counter()
         header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        header_bytes += len(scope["method"]) + len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
         try:
             if header_bytes > MAX_HEADER_BYTES:
                 # h11 bounds headers that arrive in pieces; this bounds those that arrive at once.
@@ -411,13 +453,15 @@ class Guard:
             if not state["started"]:
                 await error_response(error.status, str(error), error.headers)(scope, receive, send_with_headers)
         except ClientDisconnect:
-            LOGGER.info("%s %s: the client went away before sending its body", scope["method"], scope["path"])
+            LOGGER.info(
+                "%s %r: the client went away before sending its body", scope["method"][:16], scope["path"][:200]
+            )
             return
         except Exception as error:  # noqa: BLE001 - the service answers, whatever happens inside.
             LOGGER.error(
-                "%s %s: internal error %s: %s",
-                scope["method"],
-                scope["path"],
+                "%s %r: internal error %s: %s",
+                scope["method"][:16],
+                scope["path"][:200],
                 type(error).__name__,
                 error,
                 exc_info=self.verbose,
@@ -432,14 +476,15 @@ class Guard:
             except (ValueError, KeyError, TypeError):
                 reason = ""
             client = scope.get("client") or ("-", 0)
+            # repr() escapes control characters: a client cannot forge or colour log lines.
             LOGGER.warning(
-                "%s %s %s -> %d in %.1f ms: %s",
+                "%s %r %r -> %d in %.1f ms: %r",
                 client[0],
-                scope["method"],
-                scope["path"],
+                scope["method"][:16],
+                scope["path"][:200],
                 state["status"],
                 (time.perf_counter() - started) * 1000,
-                reason,
+                reason[:300],
             )
 
 
@@ -464,6 +509,42 @@ def create_app(classifier: Classifier, *, top_k: int = 3, verbose: bool = False,
 # -- The HTTP protocol: uvicorn's h11 protocol with a connection cap, a header timeout and JSON errors.
 
 
+# How long a closing connection keeps reading (and discarding) what the client still sends.
+LINGER_SECONDS = 2.0
+
+
+class LingeringTransport:
+    """An asyncio transport whose ``close`` stops sending first, then reads and discards for a moment.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the answer
+    before the client reads it: a client that sends a whole oversized body before reading would see
+    "connection reset" instead of its 413. Like a web server's lingering close, this keeps reading for
+    ``LINGER_SECONDS`` after the answer, then closes.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: H11Protocol):
+        self._transport = transport
+        self._protocol = protocol
+        self._lingering = False
+
+    def close(self) -> None:
+        transport = self._transport
+        if self._lingering or transport.is_closing():
+            return
+        self._lingering = True
+        self._protocol.rejected = True  # From now on, whatever arrives is discarded.
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 def protocol_class(limits: Limits):
     """uvicorn's h11 protocol, with the limits uvicorn lacks.
 
@@ -481,24 +562,18 @@ def protocol_class(limits: Limits):
         rejected = False
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, self))
             if len(self.connections) > max_connections:
+                LOGGER.info("%s -> 503: over %d connections", self._client(), max_connections)
                 self._reject(503, "too many connections: retry in a second.")
                 return
             self._arm_header_timer()
 
         def _reject(self, status: int, message: str) -> None:
-            """Answer before any request: write the error, stop sending, and drain what the client still sends.
-
-            Closing a socket with unread input makes the kernel send a reset, which can destroy the
-            answer before the client reads it; so the connection closes a moment later.
-            """
+            """Answer outside any request (raw bytes, as h11 allows no response here), then close lingering."""
             self._cancel_header_timer()
-            self.rejected = True
             self.transport.write(raw_error(status, message))
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self.loop.call_later(1.0, self.transport.close)
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             if not self.rejected:
@@ -517,6 +592,8 @@ def protocol_class(limits: Limits):
         def _header_timeout(self) -> None:
             self.header_timer = None
             if not self.transport.is_closing() and not self.rejected:
+                # At INFO: a slow-header flood would otherwise write a line per connection.
+                LOGGER.info("%s -> 408: the request head did not arrive in time", self._client())
                 self._reject(408, f"the request's headers did not arrive within {header_timeout:.0f} s.")
 
         def handle_events(self) -> None:
@@ -536,11 +613,18 @@ def protocol_class(limits: Limits):
 
         def send_400_response(self, msg: str) -> None:
             error = sys.exc_info()[1]
-            status = getattr(error, "error_status_hint", 400)
-            detail = str(error) if error is not None and str(error) else msg
+            # h11 hints 431 for an oversized head and 501 for a transfer coding it lacks: both are the
+            # client's fault here, so anything but 431 is a 400.
+            status = 431 if getattr(error, "error_status_hint", 400) == 431 else 400
+            detail = str(error)[:200] if error is not None and str(error) else msg
             if status == 431:
                 detail = f"the request's headers are over {MAX_HEADER_BYTES:,} bytes"
-            self._reject(status, f"bad HTTP request: {detail}.")
+            message = f"bad HTTP request: {detail}."
+            LOGGER.warning("%s -> %d: %r", self._client(), status, message)
+            self._reject(status, message)
+
+        def _client(self) -> str:
+            return f"{self.client[0]}:{self.client[1]}" if self.client else "-"
 
     return Protocol
 
@@ -566,6 +650,13 @@ def uvicorn_config(
     )
 
 
+class _DropUvicornInvalidRequest(logging.Filter):
+    """uvicorn's "Invalid HTTP request received." names neither client nor reason; the protocol logs its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Invalid HTTP request received."
+
+
 def configure_logging(verbose: bool) -> None:
     """One line per event on stderr; uvicorn's access log and our request lines only under ``verbose``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -575,6 +666,10 @@ def configure_logging(verbose: bool) -> None:
         logger.handlers[:] = [handler]
         logger.propagate = False
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_DropUvicornInvalidRequest())
+    # Pillow warns on stderr about odd EXIF data and large headers, once per distinct message: a client
+    # could fill the log (and the warnings registry) with them. The image's fate is decided, and logged, here.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 def bind(host: str, port: int) -> socket.socket:
