@@ -180,6 +180,31 @@ def test_the_serve_extra_installs_and_classifies_without_tensorflow(images, tmp_
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["predictions"][0]["class"] == "Trouser"
+    # The server starts from the same install and answers.
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(venv / "bin" / "fmnist"), "serve", "--port", str(port)], cwd=tmp_path, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                    assert json.loads(response.read())["status"] == "ok"
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_the_arithmetic_floor_is_the_work_over_the_measured_speed():

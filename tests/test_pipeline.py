@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("smoke")
-    result = run_chain(PARAMS_DIR / "smoke", out_dir, log_output=False)
+    result = run_chain(PARAMS_DIR / "smoke", out_dir, echo="none")
     return result, ArtifactLayout(out_dir)
 
 
@@ -139,7 +139,7 @@ def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_pa
     with pytest.raises(
         StageFailed, match=r"stage 03_train failed in cell \d+ .*ValueError: .*epochs=0 must be positive"
     ) as error:
-        run_chain(profile, tmp_path / "out", stages=("03_train",), log_output=False)
+        run_chain(profile, tmp_path / "out", stages=("03_train",), echo="none")
     assert "executed notebook kept" in str(error.value)
     # The failed run stays in its work directory for inspection and resumption; out/ is never written.
     assert (tmp_path / ".out.run" / "notebooks" / "03_train.ipynb").is_file()
@@ -209,10 +209,15 @@ def test_kill_9_mid_trial_and_mid_epoch_leaves_out_untouched_and_resumes_to_the_
     assert f"resuming: {done_at_kill} finished trial(s) kept" in log, log
     assert json.loads(checkpoint.read_text())["epochs_done"] < 3 and _tree_digest(out) == before
 
+    # This last run shows what a user sees by default: progress lines, and library noise only in the logs.
     finished = subprocess.run(
-        [sys.executable, "-m", "fmnist", "run", *arguments, "--quiet"], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "fmnist", "run", *arguments], capture_output=True, text=True, timeout=900
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert re.search(r"^  Epoch \d+/3$", finished.stderr, re.MULTILINE), finished.stderr
+    for noise in ("Input Notebook", "absl::InitializeLog", "cuInit", "Kernel is running over TCP", "Traceback"):
+        assert noise not in finished.stderr, noise
+    assert "Input Notebook" in (out / "logs" / "03_train.log").read_text()
     assert "02_tune: current" in finished.stderr
     assert "resuming: 1 epoch(s) done in its checkpoint" in finished.stderr or "resuming: 2 epoch(s)" in finished.stderr
     layout = ArtifactLayout(out)
@@ -248,7 +253,7 @@ def test_cli_rejects_a_mistyped_key_before_any_compute(tmp_path, capsys):
 
 def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tmp_path):
     """The smoke experiments (two tiny recipes x two seeds, one ablation), then the files a report reads."""
-    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), log_output=False)
+    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), echo="none")
     layout = ArtifactLayout(tmp_path)
     summary = json.loads(layout.experiments_summary.read_text())
     rows = {row["recipe"]: row for row in summary["recipes"]}
@@ -267,7 +272,7 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
         assert layout.figure(figure).is_file()
     # A rerun trains nothing: every run is on disk with the same recipe.
     before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
-    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), log_output=False)
+    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), echo="none")
     assert before == {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
 
 
@@ -307,7 +312,7 @@ def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(s
     _, reference = smoke_run
     out = tmp_path / "out"
     shutil.copytree(reference.root, out)
-    same = run_chain(PARAMS_DIR / "smoke", out, log_output=False)
+    same = run_chain(PARAMS_DIR / "smoke", out, echo="none")
     assert same.stage_seconds == {} and same.kept == [
         "01_eda",
         "02_tune",
@@ -327,7 +332,7 @@ def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(s
         stage_manifest.write_text(json.dumps(content))
     manifest["params_profile"] = str(profile)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    changed = run_chain(profile, out, log_output=False)
+    changed = run_chain(profile, out, echo="none")
     assert list(changed.stage_seconds) == ["04_evaluate", "report"]
     assert changed.kept == ["01_eda", "02_tune", "03_train", "05_deploy"]
     assert json.loads((out / "manifests" / "04_evaluate.json").read_text())["parameters"]["misclassified_examples"] == 4

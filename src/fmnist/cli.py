@@ -55,7 +55,7 @@ def _run(arguments: argparse.Namespace) -> int:
             arguments.params,
             arguments.out,
             stages=arguments.stage,
-            log_output=not arguments.quiet,
+            echo="none" if arguments.quiet else "all" if arguments.verbose else "progress",
             fresh=arguments.fresh,
         )
     except (ParamsError, StageFailed, FileNotFoundError, ValueError) as error:
@@ -67,7 +67,7 @@ def _run(arguments: argparse.Namespace) -> int:
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.stage_seconds.items()) or "none"
     kept = f"; kept as current: {', '.join(result.kept)}" if result.kept else ""
     print(f"fmnist run: run {result.run_id} done in {total:.0f} s (ran: {timings}{kept})")
-    print(f"fmnist run: artifacts in {result.out_dir}")
+    print(f"fmnist run: artifacts in {result.out_dir} (each stage's whole output in {result.out_dir}/logs/)")
     if result.report:
         print(f"fmnist run: report at {result.report}")
     return 0
@@ -283,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this stage (repeatable); default: 01_eda to 05_deploy, then the report "
         "(06_experiments, hours of training, runs only when named)",
     )
-    run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the notebooks' whole output live (by default: progress lines; all of it is in OUT/logs/)",
+    )
+    shown.add_argument("--quiet", action="store_true", help="show only one line per stage")
     run.add_argument(
         "--fresh",
         action="store_true",

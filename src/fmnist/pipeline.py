@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ from fmnist.params import load_profile
 from fmnist.stage import notebook_path
 
 KERNEL_NAME = "python3"
+# How much of the notebooks' output reaches the terminal; all of it always goes to OUT/logs/<stage>.log.
+ECHO_MODES = ("progress", "all", "none")
+# Lines that say how long work is going: the stages' own progress lines and Keras' epoch lines.
+PROGRESS_LINE = re.compile(r"^(\[(tune|train|experiments|bench|loadtest|fmnist)\] |Epoch \d+/\d+$|\d+/\d+ - \d+s - )")
 
 
 class StageFailed(RuntimeError):
@@ -45,12 +51,76 @@ def _say(message: str) -> None:
     print(f"[fmnist] {message}", file=sys.stderr, flush=True)
 
 
-def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout, *, log_output: bool = True) -> float:
+class StageLog:
+    """A stage's output: every line into its log file, and to the terminal what ``echo`` asks for.
+
+    ``progress`` shows the stages' own progress lines and Keras' epoch lines; ``all`` shows everything,
+    library noise included (``--verbose``); ``none`` shows nothing. papermill writes the kernel's
+    stdout and stderr here, and its own messages (the notebook banners) through the ``papermill`` logger.
+    Unless ``all``, file descriptor 2 points at the log too while the stage runs, so what the kernel
+    process writes there itself (TensorFlow's C++ logs, absl, Jupyter's warnings) lands in the log.
+    """
+
+    def __init__(self, path: Path, echo: str = "progress"):
+        if echo not in ECHO_MODES:
+            raise ValueError(f"echo={echo!r}: choose one of {', '.join(ECHO_MODES)}.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.echo = echo
+        self.file = path.open("a", encoding="utf-8")  # O_APPEND: the kernel's own writes interleave safely.
+        self.terminal = sys.stderr
+        self.saved_fd: int | None = None
+        self.pending = ""
+        self.handler = logging.StreamHandler(self)
+        self.handler.setFormatter(logging.Formatter("[papermill] %(message)s"))
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        if self.echo == "all":
+            self.terminal.write(text)
+        elif self.echo == "progress":
+            lines = (self.pending + text.replace("\r", "\n")).split("\n")
+            self.pending = lines.pop()
+            shown = [line for line in lines if PROGRESS_LINE.match(line)]
+            if shown:
+                self.terminal.write("".join(f"  {line}\n" for line in shown))
+                self.terminal.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.terminal.flush()
+
+    def __enter__(self) -> StageLog:
+        logger = logging.getLogger("papermill")
+        logger.addHandler(self.handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        if self.echo != "all":
+            sys.stderr.flush()
+            self.saved_fd = os.dup(2)
+            self.terminal = os.fdopen(os.dup(self.saved_fd), "w", encoding="utf-8", errors="replace")
+            os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger("papermill").removeHandler(self.handler)
+        if self.saved_fd is not None:
+            sys.stderr.flush()
+            os.dup2(self.saved_fd, 2)
+            os.close(self.saved_fd)
+            self.terminal.close()
+            self.terminal = sys.stderr
+        self.file.close()
+
+
+def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout, *, echo: str = "progress") -> float:
     """Execute one notebook into ``layout.executed_notebooks``; return its wall time in seconds.
 
     papermill saves the notebook after every cell into a hidden file, which
     replaces ``notebooks/<stage>.ipynb`` once the stage ends (failed stages too,
-    for inspection).
+    for inspection). The notebook's output goes to ``logs/<stage>.log`` (see ``StageLog``).
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -60,23 +130,27 @@ def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.perf_counter()
-    try:
-        papermill.execute_notebook(
-            str(notebook_path(stage)),
-            str(partial),
-            parameters={**parameters, "out_dir": str(layout.root)},
-            kernel_name=KERNEL_NAME,
-            cwd=str(NOTEBOOKS_DIR),
-            progress_bar=log_output,
-            log_output=log_output,
-            request_save_on_cell_execute=True,
-        )
-    except PapermillExecutionError as error:
-        os.replace(partial, output)
-        raise StageFailed(
-            f"stage {stage} failed in cell {error.exec_count} (index {error.cell_index}): "
-            f"{error.ename}: {error.evalue}\n  executed notebook kept for inspection: {output}"
-        ) from error
+    with StageLog(layout.root / "logs" / f"{stage}.log", echo) as log:
+        try:
+            papermill.execute_notebook(
+                str(notebook_path(stage)),
+                str(partial),
+                parameters={**parameters, "out_dir": str(layout.root)},
+                kernel_name=KERNEL_NAME,
+                cwd=str(NOTEBOOKS_DIR),
+                progress_bar=echo == "all",
+                log_output=False,
+                stdout_file=log,
+                stderr_file=log,
+                request_save_on_cell_execute=True,
+            )
+        except PapermillExecutionError as error:
+            os.replace(partial, output)
+            raise StageFailed(
+                f"stage {stage} failed in cell {error.exec_count} (index {error.cell_index}): "
+                f"{error.ename}: {error.evalue}\n  executed notebook kept for inspection: {output}\n"
+                f"  its whole output: {log.path}"
+            ) from error
     os.replace(partial, output)
     return time.perf_counter() - started
 
@@ -123,7 +197,7 @@ def run_chain(
     out_dir: str | Path,
     *,
     stages: tuple[str, ...] | None = None,
-    log_output: bool = True,
+    echo: str = "progress",
     fresh: bool = False,
 ) -> ChainResult:
     """Validate the profile, run the chosen stages in a work directory, publish the complete set into ``out_dir``.
@@ -133,8 +207,10 @@ def run_chain(
     """
     from fmnist.report import render_report
 
-    if log_output:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if echo not in ECHO_MODES:
+        raise ValueError(f"echo={echo!r}: choose one of {', '.join(ECHO_MODES)}.")
+    # The notebooks are read for their parameters cells; nbformat's advice about cell ids is not the user's.
+    warnings.filterwarnings("ignore", message="Cell is missing an id field")
     params_dir = Path(params_dir)
     # Every params file is checked before any stage starts computing.
     profile = load_profile(params_dir)
@@ -142,10 +218,10 @@ def run_chain(
     with runs.exclusive(out_dir):
         runs.recover(out_dir)
         runs.check_output_dir(out_dir)
-        return _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_report)
+        return _run_locked(params_dir, profile, out_dir, stages, echo, fresh, render_report)
 
 
-def _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_report) -> ChainResult:
+def _run_locked(params_dir, profile, out_dir, stages, echo, fresh, render_report) -> ChainResult:
     chosen = _chain(tuple(stages) if stages else None, out_dir)
     _say(f"machine: {describe_machine()}")
     profile_id = runs.profile_name(params_dir)
@@ -157,6 +233,9 @@ def _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_
     work = runs.open_work_dir(out_dir, key, fresh=fresh)
     layout = ArtifactLayout(work.path)
     result = ChainResult(out_dir=out_dir, run_id=work.run_id)
+    with StageLog(layout.root / "logs" / "runner.log", "none"):
+        # The runner digests the training code, which imports TensorFlow: its start-up noise goes to the log.
+        import fmnist.training  # noqa: F401
     for position, stage in enumerate(chosen, start=1):
         identity = runs.StageIdentity(
             params=runs.params_digest(profile[stage]), notebook=runs.notebook_digest(notebook_path(stage)), code={}
@@ -181,7 +260,7 @@ def _run_locked(params_dir, profile, out_dir, stages, log_output, fresh, render_
         if stage == REPORT_NOTEBOOK:
             runs.check_consistent(layout)
             write_run_manifest(layout, out_dir, params_dir, work.run_id)
-        seconds = execute_stage(stage, profile[stage], layout, log_output=log_output)
+        seconds = execute_stage(stage, profile[stage], layout, echo=echo)
         if stage == REPORT_NOTEBOOK:
             render_report(layout)
         stage_manifest = read_json(layout.stage_manifest(stage))
