@@ -650,6 +650,18 @@ def uvicorn_config(
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record arrives, not when it was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _DropUvicornInvalidRequest(logging.Filter):
     """uvicorn's "Invalid HTTP request received." names neither client nor reason; the protocol logs its own."""
 
@@ -659,7 +671,7 @@ class _DropUvicornInvalidRequest(logging.Filter):
 
 def configure_logging(verbose: bool) -> None:
     """One line per event on stderr; uvicorn's access log and our request lines only under ``verbose``."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("fmnist.serve", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
@@ -745,10 +757,10 @@ def serve(
 ) -> None:
     """Serve until Ctrl-C. Raises ``ModelError``, ``ImportError`` or ``OSError`` with a message to show."""
     started = time.perf_counter()
-    configure_logging(verbose)
     classifier = Classifier(model_path)
     app = create_app(classifier, verbose=verbose, limits=limits)
     listener = bind(host, port)
+    configure_logging(verbose)
     scheme = "https" if certfile else "http"
     shown_host = f"[{host}]" if ":" in host else host
     address = f"{scheme}://{shown_host}:{listener.getsockname()[1]}/"
