@@ -61,8 +61,8 @@ bench: setup data  ## Re-measure size, latency and serving of the run in $(OUT) 
 loadtest: setup  ## Load and abuse a fresh `fmnist serve` (shipped model; no study needed) into build/loadtest.json.
 	$(BIN)/fmnist loadtest --json build/loadtest.json
 
-ship-model:  ## Make the int8 model of the run in $(OUT) the default of fmnist classify / serve.
-	cp $(OUT)/deploy/model_int8.tflite src/fmnist/assets/fmnist_int8.tflite
+ship-model:  ## Make the int8 model that 05_deploy chose (deploy/shipping.json) the default of fmnist classify / serve.
+	cp $(OUT)/deploy/shipped_int8.tflite src/fmnist/assets/fmnist_int8.tflite
 
 lab: setup data  ## Open the notebooks in JupyterLab, with this environment as the python3 kernel.
 	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)

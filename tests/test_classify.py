@@ -31,7 +31,7 @@ def images(tmp_path):
 def test_the_shipped_model_is_small_and_accurate_on_test_images():
     from fmnist import data
 
-    assert DEFAULT_MODEL.is_file() and DEFAULT_MODEL.stat().st_size <= 230 * 1024
+    assert DEFAULT_MODEL.is_file() and DEFAULT_MODEL.stat().st_size <= 256 * 1024  # The shipping rule's size limit.
     dataset = data.load_fashion_mnist()
     classifier = Classifier()
     assert classifier.quantized and classifier.outputs_logits

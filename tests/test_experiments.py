@@ -161,8 +161,10 @@ def _fake_run(name, seed, accuracy, loss, *, tta=False, **recipe_fields):
         "seed": seed,
         "parameters": 1000,
         "multiply_adds": 5000,
+        "train_images": 600,
         "epochs_run": 10,
         "train_seconds": 60.0,
+        "validation": {"accuracy": accuracy + 0.01, "loss": loss},
         "test": scores,
         "test_without_tta": {**scores, "accuracy": accuracy - 0.01},
         "test_with_tta": scores,
@@ -179,6 +181,10 @@ def test_summary_means_and_standard_deviations_over_seeds():
     assert rows["a"]["test_accuracy_mean"] == pytest.approx(0.91)
     assert rows["a"]["test_accuracy_std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
     assert rows["a"]["litert_int8_p50_ms"] == 0.3 and rows["a"]["litert_int8_kb"] == 2.0
+    assert rows["a"]["validation_accuracy_mean"] == pytest.approx(0.92)
+    # 6 FLOPs per multiply-add per image seen: 6 x 5,000 x 600 x 10 epochs.
+    assert rows["a"]["training_tflops_mean"] == pytest.approx(6 * 5000 * 600 * 10 / 1e12)
+    assert rows["a"]["precision"] == ["float32"] and rows["a"]["achieved_gflops_mean"] is None
     assert rows["b"]["test_accuracy_std"] == 0.0 and rows["b"]["litert_int8_p50_ms"] is None
     assert rows["a"]["test_accuracy_without_tta_mean"] == pytest.approx(0.90)
     table = results.results_table(list(rows.values()))

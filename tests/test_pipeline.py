@@ -130,6 +130,12 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     assert floor["multiply_adds"] == 2_906_752  # The seed CNN, counted layer by layer.
     # No engine beats the arithmetic floor; if one did, the floor (or the timing) would be wrong.
     assert 0 < floor["floor_ms"] < bench["latency"]["litert_float32"]["p50_ms"]
+    # The shipping rule, with the study's own model as the only candidate (the smoke profile names no experiments).
+    shipping = json.loads(layout.shipping.read_text())
+    assert shipping["shipped"] == shipping["reference"] == "study (03_train)"
+    assert shipping["candidates"][0]["latency_ratio"] == 1.0 and shipping["budget_ms"] > 0
+    assert layout.shipped_model.read_bytes() == layout.litert_model("int8").read_bytes()
+    assert shipping["shipped_test_accuracy"] == pytest.approx(accuracy["litert_int8"]["test_accuracy"])
 
 
 def test_a_failing_stage_names_itself_and_its_cell_and_keeps_the_notebook(tmp_path):
@@ -257,8 +263,21 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     layout = ArtifactLayout(tmp_path)
     summary = json.loads(layout.experiments_summary.read_text())
     rows = {row["recipe"]: row for row in summary["recipes"]}
-    assert set(rows) == {"seed_tuned", "bn_cnn"}
+    assert set(rows) == {"seed_tuned", "bn_cnn", "bn_cnn_student"}
     assert all(row["seeds"] == 2 for row in rows.values())
+    # The student learnt from bn_cnn's model of its own seed.
+    student = json.loads((layout.experiment_runs / "bn_cnn_student" / "seed7.json").read_text())
+    assert {key: student["teacher"][key] for key in ("recipe", "model", "seed")} == {
+        "recipe": "bn_cnn",
+        "model": "bn_cnn_seed7.keras",
+        "seed": 7,
+    }
+    assert student["teacher"]["tflops"] > 0 and len(student["teacher"]["run_sha256"]) == 64
+    assert rows["bn_cnn_student"]["teacher"] == "bn_cnn"
+    # Every run records its compute and the machine; the throughput probe timed float32 (and bf16 where native).
+    assert all(row["training_tflops_mean"] > 0 and row["achieved_gflops_mean"] > 0 for row in rows.values())
+    throughput = summary["throughput"]
+    assert throughput["runs"]["float32_augmented"]["step_ms"] > 0 and 0 <= throughput["float32_augmentation_share"] < 1
     # One epoch on 1,000 images: above chance, and two seeds give two different results.
     assert rows["seed_tuned"]["test_accuracy_mean"] > 0.3
     assert rows["seed_tuned"]["test_accuracy_std"] > 0
@@ -267,8 +286,13 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     assert [row["change"] for row in summary["ablation"]][:2] == ["none (the full recipe)", "TTA removed"]
     assert summary["comparison"][0]["test_accuracy"] == 0.90
     assert set(summary["calibration"]) == {"seed_tuned", "bn_cnn"}
-    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 5
-    for figure in ("experiments_accuracy_latency", "experiments_ablation", "experiments_reliability"):
+    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 7
+    for figure in (
+        "experiments_accuracy_latency",
+        "experiments_accuracy_compute",
+        "experiments_ablation",
+        "experiments_reliability",
+    ):
         assert layout.figure(figure).is_file()
     # A rerun trains nothing: every run is on disk with the same recipe.
     before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}

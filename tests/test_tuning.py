@@ -13,6 +13,8 @@ import pytest
 from fmnist import data, tuning
 from fmnist.recipes import Recipe
 
+# One thread and two sum in different orders: validation accuracies may differ by this much (5 of 1,000 images).
+SUMMATION_ORDER_IMAGES = 0.005
 # The deterministic part of a trial table (timings and the worker's name vary).
 RESULTS = [
     "trial",
@@ -69,11 +71,12 @@ def test_two_workers_on_loopback_run_the_same_trials_and_choose_the_same(dataset
         request, dataset.x_train, dataset.y_train, directory=tmp_path / "spread", workers=2, verbose=0
     )
     assert len(local.trials) == len(spread.trials) == 4
-    # Same points in the same order, the same choice; the values agree to summation order (1 thread against 2).
+    # Same points in the same order, the same choice; the values agree to summation order (1 thread against 2),
+    # which on an AVX-512 CPU moves a few of the 1,000 validation images across a boundary after one epoch.
     points = ["learning_rate", "batch_size", "dropout_rate"]
     assert spread.trials[points].values.tolist() == local.trials[points].values.tolist()
     ordered = [frame[RESULTS].sort_values("trial").reset_index(drop=True) for frame in (local.trials, spread.trials)]
-    pd.testing.assert_frame_equal(*ordered, rtol=1e-3)
+    pd.testing.assert_frame_equal(*ordered, rtol=1e-3, atol=SUMMATION_ORDER_IMAGES)
     assert spread.best == local.best
     assert set(spread.trials["worker"]) == {"worker0", "worker1"}  # Both workers took trials.
     assert spread.stats["mode"] == "chief + 2 workers" and local.stats["mode"] == "in-process"
@@ -210,4 +213,4 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_search_completes_once(da
     local = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "local", verbose=0)
     points = ["learning_rate", "batch_size", "dropout_rate"]
     ordered = [frame[RESULTS[1:]].sort_values(points).reset_index(drop=True) for frame in (found.trials, local.trials)]
-    pd.testing.assert_frame_equal(*ordered, rtol=1e-3)
+    pd.testing.assert_frame_equal(*ordered, rtol=1e-3, atol=SUMMATION_ORDER_IMAGES)

@@ -8,6 +8,7 @@ compare the models, not the thread pools. The serving figures come from a real
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -51,29 +52,41 @@ def throughput(function, batch: int, seconds: float = 3.0) -> float:
     return count * batch / (time.perf_counter() - started)
 
 
-# Runs in a fresh process so that numpy's BLAS starts with one thread.
+# Runs in a fresh process, whose thread pools start at the count asked for. TensorFlow's matrix multiply
+# uses the CPU's widest vector units; numpy's OpenBLAS may be pinned to older kernels (OPENBLAS_CORETYPE,
+# set on some of these machines), which made LiteRT beat the "floor" on an AVX-512 CPU.
 _MATMUL_PROBE = """
-import time, numpy as np
-a = np.random.default_rng(0).random((512, 512), dtype=np.float32)
-a @ a
+import os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+threads, n = int(sys.argv[1]), int(sys.argv[2])
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+a = tf.random.stateless_uniform((n, n), seed=(0, 0))
+product = tf.function(lambda x: tf.linalg.matmul(x, x))
+product(a).numpy()
 best = float("inf")
 for _ in range(20):
     started = time.perf_counter()
-    a @ a
+    product(a).numpy()
     best = min(best, time.perf_counter() - started)
-print(2 * 512**3 / best / 1e9)
+print(2 * n**3 / best / 1e9)
 """
 
 
-def matmul_gflops() -> float:
-    """This CPU's practical one-thread float32 peak: a 512x512 matrix product through numpy's BLAS."""
-    one_thread = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+@functools.cache
+def matmul_gflops(threads: int = 1) -> float:
+    """This CPU's practical float32 peak: a 1024x1024 matrix product in TensorFlow (measured once a process).
+
+    ``threads`` is the thread count; 0 means every core.
+    """
+    count = str(threads or os.cpu_count() or 1)
     probe = subprocess.run(
-        [sys.executable, "-c", _MATMUL_PROBE], env={**os.environ, **one_thread}, capture_output=True, text=True
+        [sys.executable, "-c", _MATMUL_PROBE, count, "1024"], env=os.environ.copy(), capture_output=True, text=True
     )
     if probe.returncode != 0:
         raise RuntimeError(f"the matrix-multiply probe failed: {probe.stderr.strip()[-300:]}")
-    return float(probe.stdout)
+    return float(probe.stdout.strip().splitlines()[-1])
 
 
 def arithmetic_floor(multiply_adds: int, gflops: float) -> dict[str, float]:
@@ -94,7 +107,9 @@ def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000
     thread pools slow everything measured after them.
     """
     from fmnist.inference import Classifier
+    from fmnist.manifest import describe_machine
 
+    machine = describe_machine()  # Latencies compare only on one machine: each figure names its own.
     single, mirrored = images[:1], images[:1, :, ::-1]
     figures = {}
     for path in model_paths:
@@ -103,7 +118,12 @@ def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000
         tta = percentiles(
             time_calls(lambda c=classifier: (c.probabilities(single), c.probabilities(mirrored)), runs // 2)
         )
-        figures[Path(path).name] = {"size_bytes": Path(path).stat().st_size, **plain, "tta_p50_ms": tta["p50_ms"]}
+        figures[Path(path).name] = {
+            "size_bytes": Path(path).stat().st_size,
+            **plain,
+            "tta_p50_ms": tta["p50_ms"],
+            "machine": machine,
+        }
     return figures
 
 

@@ -137,6 +137,16 @@ class ArtifactLayout:
         return self.root / "deploy" / "bench.json"
 
     @property
+    def shipping(self) -> Path:
+        """05_deploy's choice of the model that ships, with every candidate's figures."""
+        return self.root / "deploy" / "shipping.json"
+
+    @property
+    def shipped_model(self) -> Path:
+        """The int8 model that the shipping rule chose (``make ship-model`` installs it)."""
+        return self.root / "deploy" / "shipped_int8.tflite"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

@@ -109,3 +109,193 @@ def run_benchmark_process(
     if done.returncode != 0:
         raise RuntimeError(f"fmnist bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return layout.bench
+
+
+# The shipping rule of issue 13: the best validation accuracy among the int8 models that answer within
+# this multiple of the seed network's int8 latency (measured in the same process) and fit in this size.
+SHIP_LATENCY_RATIO = 1.5
+SHIP_MAX_BYTES = 256 * 1024
+
+
+def shipping_candidates(
+    study_model: Path, study_training: dict, experiments_dir: Path | None, external_input=lambda path: Path(path)
+) -> list[dict]:
+    """The int8 models that may ship: the study's own, and each experiment recipe's exported model.
+
+    Each is judged as it would be served: one call per image, no test-time augmentation. A recipe's
+    validation accuracy is the mean over its seeds (without TTA): the exported seed alone may be the one
+    whose validation split chose the recipe, which would flatter it. A recipe whose int8 file is not on
+    disk, or is not the file its run exported (another run's, by its SHA-256), has ``file`` None and
+    cannot ship. ``external_input`` records every file read from outside the run.
+    """
+    from fmnist.experiments import file_sha256
+    from fmnist.io import read_json
+
+    candidates = [
+        {
+            "name": "study (03_train)",
+            "file": Path(study_model),
+            "architecture": study_training["recipe"]["architecture"],
+            "validation_accuracy": study_training["validation"]["accuracy"],
+            "seed": None,
+        }
+    ]
+    summary_path = Path(experiments_dir or "") / "summary.json"
+    if experiments_dir is None or not summary_path.is_file():
+        return candidates
+    for row in read_json(summary_path)["recipes"]:
+        name = row["recipe"]
+        run_files = sorted((Path(experiments_dir) / "runs" / name).glob("seed*.json"))
+        for path in run_files:
+            external_input(str(path))
+        runs = [read_json(path) for path in run_files]
+        exported = [run for run in runs if run.get("litert_files")]
+        if not exported:
+            continue
+        path = Path(experiments_dir) / "models" / exported[0]["litert_files"]["int8"]
+        matching = [
+            run
+            for run in exported
+            if path.is_file() and (run.get("litert_sha256") or {}).get("int8") == file_sha256(path)
+        ]
+        accuracies = [
+            run.get("validation_tta", {}).get("accuracy_without", run["validation"]["accuracy"]) for run in runs
+        ]
+        candidates.append(
+            {
+                "name": name,
+                "file": path if matching else None,
+                "architecture": row["architecture"],
+                "validation_accuracy": float(np.mean(accuracies)),
+                "seed": matching[0]["seed"] if matching else None,
+            }
+        )
+    return candidates
+
+
+def choose_shipped(
+    candidates: list[dict],
+    latency: dict[str, dict],
+    reference: str,
+    *,
+    ratio: float = SHIP_LATENCY_RATIO,
+    max_bytes: int = SHIP_MAX_BYTES,
+) -> dict:
+    """Apply the shipping rule: the best validation accuracy within the latency and size budgets.
+
+    ``latency`` maps each candidate file's name to its figures (``p50_ms``,
+    ``size_bytes``), all measured in one process; ``reference`` names the
+    candidate whose latency sets the budget (the seed network's int8 model).
+    """
+    by_name = {candidate["name"]: candidate for candidate in candidates}
+    if reference not in by_name or by_name[reference]["file"] is None:
+        raise ValueError(f"the reference model {reference!r} is not among the candidates on disk.")
+    reference_ms = latency[Path(by_name[reference]["file"]).name]["p50_ms"]
+    budget_ms = ratio * reference_ms
+    rows = []
+    for candidate in candidates:
+        row = {key: candidate[key] for key in ("name", "architecture", "validation_accuracy", "seed")}
+        figures = latency.get(Path(candidate["file"]).name) if candidate["file"] is not None else None
+        if figures is None:
+            row.update(
+                p50_ms=None,
+                latency_ratio=None,
+                size_bytes=None,
+                eligible=False,
+                reason="no int8 file on disk from its runs",
+            )
+        else:
+            row.update(
+                file=Path(candidate["file"]).name,
+                p50_ms=figures["p50_ms"],
+                latency_ratio=figures["p50_ms"] / reference_ms,
+                size_bytes=figures["size_bytes"],
+            )
+            too_slow = figures["p50_ms"] > budget_ms
+            too_big = figures["size_bytes"] > max_bytes
+            row["eligible"] = not (too_slow or too_big)
+            reasons = [f"{row['latency_ratio']:.2f}x the reference latency"] if too_slow else []
+            reasons += [f"{figures['size_bytes'] / 1024:.0f} KB"] if too_big else []
+            row["reason"] = "over budget: " + " and ".join(reasons) if reasons else "within budget"
+        rows.append(row)
+    eligible = [row for row in rows if row["eligible"]]
+    if not eligible:
+        raise ValueError(f"no candidate is within {ratio}x of {reference}'s latency and {max_bytes} bytes.")
+    shipped = max(eligible, key=lambda row: row["validation_accuracy"])
+    return {
+        "rule": (
+            f"the best validation accuracy (mean over the recipe's seeds, one call per image, no TTA) among the "
+            f"int8 models within "
+            f"{ratio}x the seed network's int8 latency (p50, one thread, same process) and {max_bytes // 1024} KB"
+        ),
+        "reference": reference,
+        "reference_p50_ms": reference_ms,
+        "budget_ms": budget_ms,
+        "max_bytes": max_bytes,
+        "candidates": rows,
+        "shipped": shipped["name"],
+        "shipped_file": shipped["file"],
+    }
+
+
+def measure_latency_process(models: list[Path], runs: int, rounds: int = 5) -> dict[str, dict]:
+    """Single-image LiteRT latency of ``models``, keyed by file name, robust to a passing stall.
+
+    ``rounds`` fresh ``fmnist latency`` processes each time every model for ``runs / rounds`` calls, in
+    turn; a model's ``p50_ms`` is the median of its rounds' medians (``rounds_p50_ms`` lists them), so a
+    stall of the machine during one model's turn does not decide the shipping rule.
+    """
+    import json
+    import tempfile
+
+    names = [Path(model).name for model in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"models share a file name, so their figures would mix: {sorted(names)}.")
+    per_round: list[dict[str, dict]] = []
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "latency.json"
+        for _ in range(rounds):
+            command = [sys.executable, "-m", "fmnist", "latency", *map(str, models)]
+            command += ["--runs", str(max(1, runs // rounds)), "--json", str(out)]
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+            per_round.append(json.loads(out.read_text()))
+    figures = {}
+    for name in names:
+        medians = [figures_of_round[name]["p50_ms"] for figures_of_round in per_round]
+        figures[name] = {**per_round[0][name], "p50_ms": float(np.median(medians)), "rounds_p50_ms": medians}
+    return figures
+
+
+def ship_best(
+    layout: ArtifactLayout,
+    experiments_dir: Path | None,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    latency_runs: int,
+    external_input=lambda path: Path(path),
+) -> dict:
+    """05_deploy's shipping step: gather the candidates, time them in one process, apply the rule, copy the
+    chosen int8 file to ``layout.shipped_model`` atomically, then measure its test accuracy once.
+
+    ``external_input`` records each file read from outside the run (``StageRun.external_input``).
+    """
+    from fmnist.io import atomic_path, read_json, write_json
+
+    candidates = shipping_candidates(
+        layout.litert_model("int8"), read_json(layout.training_summary), experiments_dir, external_input
+    )
+    on_disk = [candidate["file"] for candidate in candidates if candidate["file"] is not None]
+    for path in on_disk[1:]:
+        external_input(str(path))
+    seed_networks = [c["name"] for c in candidates if c["architecture"] == "seed" and c["file"] is not None]
+    if not seed_networks:
+        raise ValueError("no int8 model of the seed network is on disk: the latency budget has no reference.")
+    shipping = choose_shipped(candidates, measure_latency_process(on_disk, latency_runs), seed_networks[0])
+    source = next(c["file"] for c in candidates if c["name"] == shipping["shipped"])
+    with atomic_path(layout.shipped_model) as temporary:
+        Path(temporary).write_bytes(Path(source).read_bytes())
+    shipping["shipped_test_accuracy"] = litert_accuracy(layout.shipped_model, x_test, y_test)
+    write_json(layout.shipping, shipping)
+    return shipping

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fmnist.io import atomic_path, read_json, write_json
+from fmnist.manifest import describe_machine
 from fmnist.recipes import Recipe
 from fmnist.runtime import quiet_tensorflow
 
@@ -59,6 +60,30 @@ def run_path(runs_dir: Path, recipe: Recipe, seed: int) -> Path:
     return Path(runs_dir) / recipe.name / f"seed{seed}.json"
 
 
+def model_path(models_dir: Path, recipe_name: str, seed: int) -> Path:
+    """Where a run's trained Keras model is kept (a distilled recipe's teacher is read from here)."""
+    return Path(models_dir) / f"{recipe_name}_seed{seed}.keras"
+
+
+def distillation_targets(teacher: keras.Model, images: np.ndarray, labels: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The rows a distilled recipe trains on: the teacher's softened probabilities mixed with the labels.
+
+    The teacher's probabilities, averaged with its mirror image's (flip TTA),
+    are raised to 1/temperature and renormalised: the softmax of its logits
+    divided by the temperature. ``teacher_weight`` of each row comes from them,
+    the rest from the one-hot label. Computed once on the unaugmented training
+    images: flips and small shifts do not change what an image shows.
+    """
+    from fmnist.training import one_hot
+
+    _, mirrored = predict(teacher, images)
+    probabilities = np.clip(mirrored, 1e-12, 1.0).astype(np.float64)
+    softened = probabilities ** (1.0 / recipe.temperature)
+    softened /= softened.sum(axis=1, keepdims=True)
+    targets = recipe.teacher_weight * softened + (1.0 - recipe.teacher_weight) * one_hot(labels)
+    return targets.astype(np.float32)
+
+
 def run_one(
     recipe: Recipe,
     seed: int,
@@ -70,12 +95,14 @@ def run_one(
     validation_size: int,
     train_subset: int,
     runs_dir: Path,
-    models_dir: Path | None,
+    models_dir: Path,
+    export: bool = False,
     representative_images: int = 500,
     checkpoint_dir: Path | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
-    """Train and evaluate one recipe with one seed; write its result (and, if asked, its LiteRT models).
+    """Train and evaluate one recipe with one seed; write its result, its Keras model and, with ``export``,
+    its LiteRT models into ``models_dir``.
 
     With ``checkpoint_dir`` a killed run resumes at its last complete epoch.
     """
@@ -83,7 +110,30 @@ def run_one(
 
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
-    fitted = fit(recipe, x_train, y_train, x_val, y_val, seed=seed, checkpoint_dir=checkpoint_dir, verbose=verbose)
+    targets = y_train
+    teacher_record = None
+    if recipe.teacher:
+        # The teacher's run with the same seed saw the same training split: the validation images stay unseen.
+        teacher_file = model_path(models_dir, recipe.teacher, seed)
+        if not teacher_file.is_file():
+            raise FileNotFoundError(
+                f"{recipe.name} seed {seed} distils {recipe.teacher!r}, whose model {teacher_file} is not on disk "
+                f"(models are not committed). Retrain the teacher: delete runs/{recipe.teacher}/seed{seed}.json "
+                "and rerun, or train it in the same run by listing it before its students."
+            )
+        teacher = keras.models.load_model(teacher_file)
+        targets = distillation_targets(teacher, x_train, y_train, recipe)
+        teacher_run = read_json(run_path(runs_dir, Recipe(name=recipe.teacher), seed))
+        # The student's compute includes its teacher's: the teacher's training, then two predictions per image.
+        inference_flops = 2 * 2 * teacher_run["multiply_adds"] * len(y_train)
+        teacher_record = {
+            "recipe": recipe.teacher,
+            "model": teacher_file.name,
+            "seed": seed,
+            "run_sha256": file_sha256(run_path(runs_dir, Recipe(name=recipe.teacher), seed)),
+            "tflops": (_run_flops(teacher_run) + inference_flops) / 1e12,
+        }
+    fitted = fit(recipe, x_train, targets, x_val, y_val, seed=seed, checkpoint_dir=checkpoint_dir, verbose=verbose)
     validation_plain, validation_mirrored = predict(fitted.model, x_val)
     plain, mirrored = predict(fitted.model, x_test)
     result = {
@@ -91,22 +141,43 @@ def run_one(
         "seed": seed,
         # Stored runs are kept while their recipe is unchanged; this says which training code made them.
         "training_code": training_code_version(),
+        "machine": describe_machine(),
         # Whether flip TTA helps is read here, on validation, never from the test columns below.
         "validation_tta": {
             "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
             "accuracy_with": float(np.mean(validation_mirrored.argmax(axis=1) == y_val)),
         },
         "history": fitted.history,
+        "teacher": teacher_record,
         "test": scores(y_test, mirrored if recipe.tta else plain),
         "test_without_tta": scores(y_test, plain),
         "test_with_tta": scores(y_test, mirrored),
     }
-    if models_dir is not None:
+    if export:
         result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
+        # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
+        result["litert_sha256"] = {
+            kind: file_sha256(Path(models_dir) / name) for kind, name in result["litert_files"].items()
+        }
+    with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
+        fitted.model.save(temporary)
     write_json(run_path(runs_dir, recipe, seed), result)
     if checkpoint_dir is not None:
         discard_checkpoint(checkpoint_dir)
     return result
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _run_flops(run: dict[str, Any]) -> int:
+    """A stored run's training FLOPs (6 per multiply-add per image seen), recorded or recomputed."""
+    if run.get("compute"):
+        return int(run["compute"]["flops"])
+    return 6 * run["multiply_adds"] * run["train_images"] * run["epochs_run"]
 
 
 def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Path, name: str) -> dict[str, str]:
@@ -117,8 +188,6 @@ def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Pa
         "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
         "int8": export.write_model(export.to_int8(model, representative), Path(models_dir) / f"{name}_int8.tflite"),
     }
-    with atomic_path(Path(models_dir) / f"{name}.keras") as temporary:
-        model.save(temporary)
     return {kind: path.name for kind, path in files.items()}
 
 
@@ -155,21 +224,43 @@ def run_all(
         path = run_path(runs_dir, recipe, seed)
         if path.is_file() and not force:
             result = read_json(path)
-            if _stored_recipe(result["recipe"]) == recipe:
+            stale_teacher = recipe.teacher and (result.get("teacher") or {}).get("run_sha256") != _sha_or_none(
+                run_path(runs_dir, Recipe(name=recipe.teacher), seed)
+            )
+            if _stored_recipe(result["recipe"]) == recipe and not stale_teacher:
                 progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
                 results.append(result)
                 continue
-            progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: the recipe changed since; retraining")
+            reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
+            progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: {reason} since; retraining")
         if not train_missing:
             progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")
             missing.append(f"{recipe.name} seed {seed}")
             continue
+        if recipe.teacher and not model_path(models_dir, recipe.teacher, seed).is_file():
+            # Models are not committed: a kept teacher run has no model on a fresh clone, so retrain it first.
+            teacher = next(other for other, other_seed in plan if other.name == recipe.teacher)
+            progress(f"{position}/{len(plan)} {recipe.teacher} seed {seed}: retraining the teacher (no model on disk)")
+            retrained = run_one(
+                teacher,
+                seed,
+                runs_dir=runs_dir,
+                models_dir=models_dir,
+                checkpoint_dir=Path(runs_dir).parent / "checkpoints" / teacher.name / f"seed{seed}",
+                **data_and_settings,
+            )
+            results = [r for r in results if (r["recipe"]["name"], r["seed"]) != (teacher.name, seed)] + [retrained]
         progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
         started = time.perf_counter()
-        exporting = models_dir if seed == first_seed[recipe.name] else None
         checkpoint = Path(runs_dir).parent / "checkpoints" / recipe.name / f"seed{seed}"
         result = run_one(
-            recipe, seed, runs_dir=runs_dir, models_dir=exporting, checkpoint_dir=checkpoint, **data_and_settings
+            recipe,
+            seed,
+            runs_dir=runs_dir,
+            models_dir=models_dir,
+            export=seed == first_seed[recipe.name],
+            checkpoint_dir=checkpoint,
+            **data_and_settings,
         )
         progress(
             f"{position}/{len(plan)} {recipe.name} seed {seed}: test accuracy {result['test']['accuracy']:.4f}, "
@@ -196,6 +287,10 @@ def measure_latency(models_dir: Path, out: Path, runs: int = 1000) -> dict[str, 
     figures = {**previous, **read_json(out)}
     write_json(out, figures)
     return figures
+
+
+def _sha_or_none(path: Path) -> str | None:
+    return file_sha256(path) if Path(path).is_file() else None
 
 
 def plan(
@@ -282,3 +377,52 @@ def search_hyperparameters(
     }
     write_json(stored_path, result)
     return result
+
+
+def measure_throughput(recipe: Recipe, images: np.ndarray, labels: np.ndarray, *, steps: int = 60) -> dict[str, Any]:
+    """Training speed of ``recipe`` here: float32 against bfloat16 (where native), with and without augmentation.
+
+    Each configuration trains 20 untimed steps, then three blocks of ``steps / 3`` timed ones (the
+    fastest block counts), through the real input pipeline (``training.training_dataset``). The
+    augmentation's share of a step is 1 - (step time without augmentation) / (step time with it).
+    """
+    import dataclasses
+
+    from fmnist import training
+    from fmnist.manifest import machine
+    from fmnist.model import multiply_adds
+
+    precisions = ["float32"] + (["bfloat16"] if machine()["auto_precision"] == "bfloat16" else [])
+    variants = {
+        "augmented": recipe,
+        "plain": dataclasses.replace(recipe, shift_pixels=0, horizontal_flip=False, erasing=0.0),
+    }
+    figures: dict[str, Any] = {"recipe": recipe.name, "steps": steps, "batch_size": recipe.batch_size, "runs": {}}
+    for precision in precisions:
+        for kind, variant in variants.items():
+            # One epoch is enough to time steps; a warm-up must be shorter than the epochs, so none.
+            variant = dataclasses.replace(variant, precision=precision, epochs=1, warmup_epochs=0)
+            model = training.build(variant, len(labels), seed=0)
+            data = training.training_dataset(images, labels, variant, seed=0).repeat()
+            model.fit(data, steps_per_epoch=20, epochs=1, verbose=0, shuffle=False)  # Tracing and warm-up.
+            # The best of three timed blocks: a block that a passing stall slowed does not count.
+            blocks = []
+            for _ in range(3):
+                started = time.perf_counter()
+                model.fit(data, steps_per_epoch=max(1, steps // 3), epochs=1, verbose=0, shuffle=False)
+                blocks.append((time.perf_counter() - started) / max(1, steps // 3))
+            seconds = min(blocks)
+            flops = 6 * multiply_adds(model) * recipe.batch_size
+            figures["runs"][f"{precision}_{kind}"] = {
+                "step_ms": seconds * 1e3,
+                "images_per_second": recipe.batch_size / seconds,
+                "gflops": flops / seconds / 1e9,
+            }
+    runs = figures["runs"]
+    for precision in precisions:
+        with_it, without = runs[f"{precision}_augmented"]["step_ms"], runs[f"{precision}_plain"]["step_ms"]
+        figures[f"{precision}_augmentation_share"] = max(0.0, 1 - without / with_it)
+    if "bfloat16" in precisions:
+        figures["bfloat16_speedup"] = runs["float32_augmented"]["step_ms"] / runs["bfloat16_augmented"]["step_ms"]
+    figures["machine"] = describe_machine()
+    return figures

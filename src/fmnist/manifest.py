@@ -76,12 +76,20 @@ def machine() -> dict[str, object]:
                     flags = set(value.split())
     except OSError:
         pass
+    features = [name for name in CPU_FEATURES if name in flags]
     return {
         "cpu": model,
         "cores": os.cpu_count(),
         "architecture": platform.machine(),
-        "features": [name for name in CPU_FEATURES if name in flags],
+        "features": features,
+        # What a recipe with precision "auto" trains in here (fmnist.training.resolve_precision).
+        "auto_precision": auto_precision(features),
     }
+
+
+def auto_precision(features) -> str:
+    """bfloat16 mixed precision where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), else float32."""
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(features) else "float32"
 
 
 def describe_machine(record: dict[str, object] | None = None) -> str:

@@ -34,7 +34,8 @@ def seed_network(dropout_rate: float = 0.5) -> keras.Model:
             layers.Flatten(name="flatten"),
             layers.Dense(256, activation="relu", name="dense"),
             layers.Dropout(dropout_rate, name="dropout"),
-            layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),
+            # float32 whatever the global policy: a bf16 softmax would round the probabilities.
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities"),
         ],
         name="seed_cnn",
     )
@@ -81,7 +82,7 @@ def bn_cnn_network(
     else:
         raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}.")
     features = layers.Dropout(dropout_rate, name="dropout")(features)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(features)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(features)
     return keras.Model(inputs, outputs, name="bn_cnn")
 
 
@@ -94,6 +95,24 @@ def build_network(architecture: str = "seed", *, dropout_rate: float = 0.5, **op
     if architecture == "bn_cnn":
         return bn_cnn_network(dropout_rate, **options)
     raise ValueError(f"architecture={architecture!r}: choose one of {', '.join(ARCHITECTURES)}.")
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same network and weights computing in float32 (a mixed-precision model trains in bfloat16)."""
+
+    def in_float32(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=in_float32)
+    copy.set_weights(model.get_weights())
+    if getattr(model, "optimizer", None) is not None:
+        # Compiled the same way, so evaluate() reports the same loss and metrics.
+        copy.compile(optimizer=model.optimizer.__class__(), loss=model.loss, metrics=["accuracy"])
+        # Built, so a saved copy loads without a warning about missing optimizer variables.
+        copy.optimizer.build(copy.trainable_variables)
+    return copy
 
 
 def multiply_adds(model: keras.Model) -> int:

@@ -256,6 +256,60 @@ def accuracy_vs_latency(rows: list[dict]) -> plt.Figure:
     return figure
 
 
+def accuracy_vs_compute(rows: list[dict], anchors, budgets: dict[str, float]) -> plt.Figure:
+    """Mean test accuracy (± one standard deviation over seeds) against training compute, with the
+    published results (whose compute is not published) as horizontal lines and the budgets as vertical ones."""
+    figure, axis = plt.subplots(figsize=(10, 5))
+    for row in rows:
+        axis.errorbar(
+            row["training_tflops_mean"],
+            row["test_accuracy_mean"],
+            yerr=row["test_accuracy_std"],
+            marker="o",
+            capsize=4,
+            label=f"{row['recipe']} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})",
+        )
+    # Published results within 0.4 points of each other share one line and one label.
+    groups: list[list[dict]] = []
+    for anchor in sorted(anchors, key=lambda anchor: anchor["test_accuracy"]):
+        if groups and anchor["test_accuracy"] - groups[-1][0]["test_accuracy"] < 0.004:
+            groups[-1].append(anchor)
+        else:
+            groups.append([anchor])
+    for group in groups:
+        level = group[0]["test_accuracy"]
+        axis.axhline(level, color="grey", linewidth=0.6, linestyle=":")
+        text = "; ".join(f"{anchor['model']} {anchor['test_accuracy']:.3f}" for anchor in group)
+        axis.annotate(
+            text,
+            (0.0, level),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 2),
+            textcoords="offset points",
+            fontsize="x-small",
+            color="dimgrey",
+        )
+    for label, tflops in budgets.items():
+        axis.axvline(tflops, color="black", linewidth=0.8, linestyle="--")
+        axis.annotate(
+            label,
+            (tflops, 0.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 4),
+            textcoords="offset points",
+            fontsize="x-small",
+            rotation=90,
+        )
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.set_xlabel("training compute per seed (TFLOP = multiply-adds x 6 x images seen, log scale)")
+    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    axis.set_title("Accuracy against training compute (comparable across machines)")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    return figure
+
+
 def ablation(rows: list[dict]) -> plt.Figure:
     """Change in test accuracy, in points, when one ingredient of the full recipe is changed."""
     changed = rows[1:]

@@ -16,6 +16,9 @@ from typing import Any
 from fmnist.config import SEED_HYPERPARAMETERS
 
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+# "auto" trains in bfloat16 mixed precision where the CPU has native bf16 (avx512_bf16 or amx_bf16), else float32.
+PRECISIONS = ("auto", "float32", "bfloat16")
 # The network families of fmnist.model, and the fields only bn_cnn takes.
 ARCHITECTURES = ("seed", "bn_cnn")
 BN_CNN_FIELDS = ("width", "stages", "batch_norm", "head")
@@ -43,6 +46,15 @@ class Recipe:
     horizontal_flip: bool = False  # Augmentation: mirror left-right (never upside down: clothes have an up).
     erasing: float = 0.0  # Augmentation: probability of erasing a random rectangle (random erasing).
     tta: bool = False  # Test-time augmentation: average the prediction with its mirror image's.
+    optimizer: str = "adam"  # "adam", or "sgd" (Nesterov momentum 0.9).
+    weight_decay: float = 0.0  # Decoupled weight decay (AdamW's for Adam), scaled by the learning rate each step.
+    warmup_epochs: int = 0  # Linear warm-up from 0 before the cosine decay: a one-cycle shape.
+    precision: str = "auto"  # "auto", "float32" or "bfloat16" (mixed: bf16 compute, float32 weights).
+    teacher: str = ""  # Distillation (06_experiments): the recipe whose model of the same seed gives soft targets.
+    teacher_weight: float = 0.9  # Distillation: the targets' share of the teacher's probabilities (the rest: labels).
+    # Distillation: the teacher's probabilities are softened as by dividing its logits by this (1: as they are).
+    # The student trains at temperature 1 on them, so above 1 it learns to answer less confidently.
+    temperature: float = 1.0
     tuned: bool = False  # Take learning_rate, batch_size and dropout_rate from the 02_tune stage's result.
 
     def __post_init__(self):
@@ -55,6 +67,22 @@ class Recipe:
             problems.append(f"head={self.head!r} is not one of {', '.join(HEADS)}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.weight_decay < 1.0:
+            problems.append(f"weight_decay={self.weight_decay} must be in [0, 1)")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            problems.append(f"warmup_epochs={self.warmup_epochs} must be at least 0 and below epochs={self.epochs}")
+        if self.warmup_epochs and self.schedule != "cosine":
+            problems.append("warmup_epochs needs schedule: cosine (the warm-up leads into the cosine decay)")
+        if self.teacher and not 0.0 < self.teacher_weight <= 1.0:
+            problems.append(f"teacher_weight={self.teacher_weight} must be in (0, 1]")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be positive")
+        if self.teacher == self.name:
+            problems.append("a recipe cannot be its own teacher")
         for name in ("learning_rate", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -144,6 +172,13 @@ def recipes_from_params(
     """The main recipes and the ablations (each a change to ``ablation_base``) of a params file."""
     main = [Recipe.from_params(name, values) for name, values in recipes.items()]
     by_name = {recipe.name: recipe for recipe in main}
+    for position, recipe in enumerate(main):
+        earlier = [other.name for other in main[:position]]
+        if recipe.teacher and recipe.teacher not in earlier:
+            raise ValueError(
+                f"recipe {recipe.name!r}: teacher {recipe.teacher!r} must be one of the recipes listed before it "
+                f"({', '.join(earlier) or 'none'}), so that its models exist when the student trains."
+            )
     if ablations and ablation_base not in by_name:
         raise ValueError(
             f"ablation_base={ablation_base!r} is not one of the recipes ({', '.join(by_name)}); "

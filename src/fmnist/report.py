@@ -34,6 +34,7 @@ FIGURE_STAGES = {
     "misclassified": "04_evaluate",
     "deployment": "05_deploy",
     "experiments_accuracy_latency": "06_experiments",
+    "experiments_accuracy_compute": "06_experiments",
     "experiments_ablation": "06_experiments",
     "experiments_reliability": "06_experiments",
 }
@@ -105,8 +106,24 @@ def training_block(training: dict | None) -> str:
         f"- {training['epochs_run']} epochs run on {training['train_images']:,} images in "
         f"{training['train_seconds']:.0f} s{resumed}; early stopping (validation loss) kept epoch "
         f"**{training['best_epoch']}** (validation accuracy {training['validation']['accuracy']:.4f}, "
-        f"loss {training['validation']['loss']:.4f})."
+        f"loss {training['validation']['loss']:.4f})." + compute_line(training)
     )
+
+
+def compute_line(training: dict) -> str:
+    """The training's compute and precision, when recorded (runs before issue 13 lack them)."""
+    compute = training.get("compute")
+    if not compute:
+        return ""
+    precision = training.get("precision", "float32")
+    mode = "bfloat16 mixed precision (this CPU computes bf16 natively)" if precision == "bfloat16" else "float32"
+    rate = (
+        f" at {compute['achieved_gflops']:.0f} GFLOP/s, {100 * compute['fraction_of_peak']:.0f}% of this machine's "
+        f"float32 matrix-multiply peak ({compute['peak_gflops']:.0f} GFLOP/s, all cores)"
+        if compute.get("achieved_gflops")
+        else ""
+    )
+    return f"\n- Trained in {mode}: {compute['tflops']:.1f} TFLOP (multiply-adds x 6 x images seen){rate}."
 
 
 def trials_table(layout: ArtifactLayout) -> pd.DataFrame:
@@ -244,7 +261,7 @@ def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
         serving_lines += [
             "",
             f"Arithmetic floor of one image on this CPU: {floor['multiply_adds'] / 1e6:.2f} M multiply-adds at "
-            f"{floor['matmul_gflops_one_thread']:.0f} GFLOP/s (numpy's one-thread matrix multiply) = "
+            f"{floor['matmul_gflops_one_thread']:.0f} GFLOP/s (TensorFlow's one-thread matrix multiply) = "
             f"**{floor['floor_ms']:.3f} ms**; no engine can go below it on one thread.{share}",
         ]
     return latency, "\n".join(serving_lines)
@@ -267,6 +284,86 @@ def deployment_block(layout: ArtifactLayout) -> str:
         lines.append(
             f"- **{row['model'].replace('_', ' ')}**: {row['test_accuracy']:.4f}, "
             f"{row['difference_points']:+.2f} points from Keras{tolerance}{served}"
+        )
+    return "\n".join(lines)
+
+
+def shipping_block(shipping: dict | None) -> str:
+    """Which model the classifier ships and why, from 05_deploy's shipping rule."""
+    if not shipping:
+        return "*No shipping decision: run stage `05_deploy`.*"
+    rows = {row["name"]: row for row in shipping["candidates"]}
+    shipped = rows[shipping["shipped"]]
+    reference = rows[shipping["reference"]]
+    return (
+        f"**Rule:** {shipping['rule']}. The reference, {reference['name']}, answers in "
+        f"{shipping['reference_p50_ms']:.3f} ms, so the budget is {shipping['budget_ms']:.3f} ms.\n\n"
+        f"**Ships: {shipped['name']}** ({shipped['architecture']}), validation accuracy "
+        f"{shipped['validation_accuracy']:.4f}, {shipped['p50_ms']:.3f} ms per image "
+        f"({shipped['latency_ratio']:.2f}x the reference), {shipped['size_bytes'] / 1024:.0f} KB; its test accuracy, "
+        f"measured once after the choice, is **{shipping['shipped_test_accuracy']:.4f}**. "
+        "`make ship-model` makes it the default of `fmnist classify` and `fmnist serve`."
+    )
+
+
+def shipping_table(shipping: dict | None) -> pd.DataFrame:
+    if not shipping:
+        return pd.DataFrame()
+    frame = pd.DataFrame(shipping["candidates"]).set_index("name")
+    return pd.DataFrame(
+        {
+            "architecture": frame["architecture"],
+            "validation accuracy": frame["validation_accuracy"].round(4),
+            "int8 p50 (ms)": frame["p50_ms"].astype(float).round(3),
+            "x reference": frame["latency_ratio"].astype(float).round(2),
+            "int8 size (KB)": (frame["size_bytes"].astype(float) / 1024).round(0),
+            "verdict": frame["reason"],
+        }
+    )
+
+
+def compute_block(summary: dict | None) -> str:
+    """What the accuracy-against-compute figure shows, with the issue's two budgets."""
+    if not summary or not summary.get("recipes"):
+        return ""
+    rows = summary["recipes"]
+    lines = [
+        "Training compute counts 6 floating-point operations per multiply-add per training image seen (a distilled "
+        "recipe's includes its teacher's training and predictions), so it compares across machines where minutes "
+        "do not. The best mean test accuracy within each budget (recipes with several seeds):",
+        "",
+    ]
+    budgets = (("30 TFLOP per seed (the goal: 0.94)", 0, 30), ("300 TFLOP per seed (the moonshot: 0.95)", 30, 300))
+    for label, above, limit in budgets:
+        within = [
+            row
+            for row in rows
+            if row.get("training_tflops_mean") is not None
+            and above < row["training_tflops_mean"] <= limit * 1.001
+            and row["seeds"] > 1
+        ]
+        if within:
+            best = max(within, key=lambda row: row["test_accuracy_mean"])
+            lines.append(
+                f"- **{label}:** {best['recipe']}, {best['test_accuracy_mean']:.4f} ± {best['test_accuracy_std']:.4f} "
+                f"over {best['seeds']} seeds with {best['training_tflops_mean']:.1f} TFLOP."
+            )
+        else:
+            lines.append(f"- **{label}:** no recipe with several seeds between {above} and {limit} TFLOP yet.")
+    throughput = summary.get("throughput")
+    if throughput:
+        runs = throughput["runs"]
+        share = throughput["float32_augmentation_share"]
+        lines.append(
+            f"- **Training speed here** ({throughput['recipe']}, {throughput['machine']}): "
+            f"{runs['float32_augmented']['gflops']:.0f} GFLOP/s in float32; the augmentation takes "
+            f"{100 * share:.1f}% of a step"
+            + (
+                f"; bfloat16 runs at {throughput['bfloat16_speedup']:.2f}x the float32 speed"
+                if "bfloat16_speedup" in throughput
+                else "; no native bf16 on this CPU, so no bfloat16 figure"
+            )
+            + "."
         )
     return "\n".join(lines)
 
@@ -330,6 +427,16 @@ def experiments_block(summary: dict | None) -> str:
             f"- **The seed's contradiction, measured:** its stated training recipe ({settled['stated']}) reaches "
             f"{figures('stated')}, the tuned one ({settled['tuned']}) {figures('tuned')}: **{better}** is better by "
             f"{abs(settled['accuracy_difference']) * 100:.2f} points."
+        )
+    machines: dict[str, list[str]] = {}
+    for row in summary["recipes"]:
+        if row.get("latency_machine"):
+            machines.setdefault(row["latency_machine"], []).append(row["recipe"])
+    if len(machines) > 1:
+        listing = "; ".join(f"{', '.join(names)} on {machine}" for machine, names in machines.items())
+        lines.append(
+            f"- **Latencies come from different machines** (models not on disk keep their earlier figures): "
+            f"{listing}. Compare latencies only within one machine."
         )
     if summary.get("missing_runs"):
         lines.append(

@@ -39,6 +39,10 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
             if "validation_tta" in run
         ]
         recipe = runs[0]["recipe"]
+        validation, _ = _mean_std([run["validation"]["accuracy"] for run in runs])
+        achieved = [
+            run["compute"]["achieved_gflops"] for run in runs if (run.get("compute") or {}).get("achieved_gflops")
+        ]
         int8 = latency.get(f"{name}_int8.tflite", {})
         float32 = latency.get(f"{name}_float32.tflite", {})
         key = "tta_p50_ms" if recipe["tta"] else "p50_ms"
@@ -59,13 +63,33 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
                 "parameters": runs[0]["parameters"],
                 "multiply_adds": runs[0]["multiply_adds"],
                 "epochs_run_mean": float(np.mean([run["epochs_run"] for run in runs])),
+                "validation_accuracy_mean": validation,
+                # Training compute: 6 FLOPs per multiply-add per image seen (runs before it was recorded too).
+                "training_tflops_mean": float(np.mean([training_tflops(run) for run in runs])),
+                "achieved_gflops_mean": float(np.mean(achieved)) if achieved else None,
+                "precision": sorted({run.get("precision", "float32") for run in runs}),
+                "teacher": recipe.get("teacher") or None,
+                "machines": sorted({run.get("machine", "not recorded") for run in runs}),
                 "train_seconds_mean": float(np.mean([run["train_seconds"] for run in runs])),
                 "litert_float32_p50_ms": float32.get(key),
                 "litert_int8_p50_ms": int8.get(key),
                 "litert_int8_kb": int8["size_bytes"] / 1024 if int8 else None,
+                # Figures kept from an earlier run were measured there (before machines were recorded: AVX2 EPYC).
+                "latency_machine": int8.get("machine", "an earlier run's machine") if int8 else None,
             }
         )
     return rows
+
+
+def training_tflops(run: dict[str, Any]) -> float:
+    """A run's training compute in TFLOP: multiply-adds x 6 x training images seen (with its teacher's, if any)."""
+    own = (
+        run["compute"]["flops"]
+        if run.get("compute")
+        else 6 * run["multiply_adds"] * run["train_images"] * run["epochs_run"]
+    )
+    # A distilled run also cost its teacher's training and predictions.
+    return own / 1e12 + ((run.get("teacher") or {}).get("tflops") or 0.0)
 
 
 def ablation_rows(results: list[dict[str, Any]], base: str, ablations: list[Recipe]) -> list[dict[str, Any]]:
@@ -109,6 +133,10 @@ def results_table(rows: list[dict[str, Any]]):
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).set_index("recipe")
+    # Summaries written before these columns existed (issue 13) lack them.
+    for column in ("training_tflops_mean", "achieved_gflops_mean", "precision"):
+        if column not in frame:
+            frame[column] = None
 
     def plus_minus(mean: str, std: str) -> list[str]:
         return [f"{m:.4f} ± {s:.4f}" for m, s in zip(frame[mean], frame[std], strict=True)]
@@ -133,7 +161,10 @@ def results_table(rows: list[dict[str, Any]]):
             "parameters": frame["parameters"].map("{:,}".format),
             "multiply-adds (M)": (frame["multiply_adds"] / 1e6).round(2),
             "epochs": frame["epochs_run_mean"].round(1),
+            "training (TFLOP)": frame["training_tflops_mean"].astype(float).round(1),
             "training (s)": frame["train_seconds_mean"].round(0),
+            "achieved GFLOP/s": frame["achieved_gflops_mean"].astype(float).round(0),
+            "precision": frame["precision"].map(lambda value: ", ".join(value) if value else "float32"),
             "LiteRT float32 p50 (ms)": frame["litert_float32_p50_ms"].astype(float).round(3),
             "LiteRT int8 p50 (ms)": frame["litert_int8_p50_ms"].astype(float).round(3),
             "int8 size (KB)": frame["litert_int8_kb"].astype(float).round(1),

@@ -52,7 +52,7 @@ STAGE_INPUTS = {
     "02_tune": (),
     "03_train": ("tuning/best_hyperparameters.json",),
     "04_evaluate": ("model/model.keras", "model/training.json"),
-    "05_deploy": ("model/model.keras",),
+    "05_deploy": ("model/model.keras", "model/training.json"),
     "06_experiments": ("tuning/best_hyperparameters.json",),
 }
 

@@ -24,7 +24,7 @@ quiet_tensorflow()
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from fmnist.model import build_network, multiply_adds  # noqa: E402
+from fmnist.model import build_network, float32_copy, multiply_adds  # noqa: E402
 
 
 def study_recipe(fields: dict[str, Any], best_hyperparameters_file: Path, name: str = "study") -> tuple[Recipe, str]:
@@ -133,6 +133,25 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
     return np.eye(NUM_CLASSES, dtype=np.float32)[labels]
 
 
+def training_targets(y: np.ndarray) -> np.ndarray:
+    """The rows a training fits: one-hot rows for integer labels, or given probability rows (distillation)."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        return one_hot(y)
+    if y.ndim != 2 or y.shape[1] != NUM_CLASSES:
+        raise ValueError(f"targets of shape {y.shape}: give integer labels or rows of {NUM_CLASSES} probabilities.")
+    return y.astype(np.float32)
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision a recipe trains in here: "auto" is bfloat16 where the CPU has native bf16, else float32."""
+    if requested != "auto":
+        return requested
+    from fmnist.manifest import machine
+
+    return machine()["auto_precision"]
+
+
 def epoch_orders(images: int, epochs: int, seed: int) -> np.ndarray:
     """The order in which each epoch visits the training images: one seeded permutation per epoch."""
     return np.stack([np.random.default_rng([seed, epoch]).permutation(images) for epoch in range(epochs)])
@@ -150,7 +169,7 @@ def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, fi
         raise ValueError(f"first_epoch={first_epoch}: must be in [0, {recipe.epochs}).")
     steps = steps_per_epoch(len(y), recipe.batch_size)
     orders = tf.constant(epoch_orders(len(y), recipe.epochs, seed), dtype=tf.int32)
-    images, targets = tf.constant(x), tf.constant(one_hot(y))
+    images, targets = tf.constant(x), tf.constant(training_targets(y))
     batch_size, total = recipe.batch_size, len(y)
 
     def batch(step):
@@ -166,14 +185,38 @@ def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, fi
     return dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
+def learning_rate_schedule(
+    recipe: Recipe, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The recipe's learning rate per step: constant, or a cosine decay to 0 (after a linear warm-up from 0)."""
+    if recipe.schedule != "cosine":
+        return recipe.learning_rate
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else recipe.learning_rate,
+        (recipe.epochs - recipe.warmup_epochs) * steps_per_epoch,
+        warmup_target=recipe.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
 def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
-    """The recipe's network with Adam, its learning-rate schedule and its loss."""
-    model = build_network(recipe.architecture, dropout_rate=recipe.dropout_rate, **recipe.network_options())
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = recipe.learning_rate
-    if recipe.schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, recipe.epochs * steps_per_epoch)
+    """The recipe's network with its optimizer, learning-rate schedule, loss and precision."""
+    precision = resolve_precision(recipe.precision)
+    # Layers take the global policy when they are built; the softmax layer always computes in float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        model = build_network(recipe.architecture, dropout_rate=recipe.dropout_rate, **recipe.network_options())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    learning_rate = learning_rate_schedule(recipe, steps_per_epoch)
+    weight_decay = recipe.weight_decay or None
+    if recipe.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=weight_decay)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
         metrics=["accuracy"],
     )
@@ -193,6 +236,7 @@ class Fitted:
     best_epoch: int  # 1-based: the epoch whose weights the model holds.
     train_seconds: float
     resumed_at: int = 0  # Epochs that were already done in a checkpoint when this fit started.
+    precision: str = "float32"  # What the training computed in ("bfloat16": mixed, float32 weights).
 
     @property
     def epochs_run(self) -> int:
@@ -209,6 +253,8 @@ class Fitted:
             "multiply_adds": multiply_adds(self.model),
             "train_images": int(train_images),
             "train_seconds": round(self.train_seconds, 1),
+            "precision": self.precision,
+            "compute": training_compute(multiply_adds(self.model), train_images, self.history),
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "resumed_at_epoch": self.resumed_at,
@@ -306,6 +352,37 @@ def _say(message: str) -> None:
     print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
+def training_compute(multiply_adds: int, train_images: int, history: dict[str, list[float]]) -> dict[str, Any]:
+    """A training's compute, comparable across machines, and how fast this machine delivered it.
+
+    ``flops`` counts 6 floating-point operations per multiply-add per training
+    image seen (2 for the forward pass, 4 for the backward one). The achieved
+    rate divides it by the epochs' wall time (validation included) and is set
+    against this machine's measured float32 peak over all cores
+    (:func:`fmnist.bench.matmul_gflops`); a bfloat16 training may pass it.
+    """
+    from fmnist.bench import matmul_gflops
+
+    epochs = len(history.get("val_loss", []))
+    seconds = float(sum(history.get("epoch_seconds", [])))
+    flops = 6 * int(multiply_adds) * int(train_images) * epochs
+    achieved = flops / seconds / 1e9 if seconds > 0 else None
+    try:
+        peak = matmul_gflops(threads=0)
+    except RuntimeError as error:  # A failed probe must not cost a finished training.
+        _say(f"no peak figure: {error}")
+        peak = None
+    return {
+        "flops": flops,
+        "tflops": round(flops / 1e12, 3),
+        "images_seen": int(train_images) * epochs,
+        "achieved_gflops": None if achieved is None else round(achieved, 1),
+        # A float32 figure: a bfloat16 training can pass it (its ratio above 1 says so).
+        "peak_gflops": None if peak is None else round(peak, 1),
+        "fraction_of_peak": None if achieved is None or peak is None else round(achieved / peak, 3),
+    }
+
+
 def fit(
     recipe: Recipe,
     x_train,
@@ -387,7 +464,11 @@ def fit(
     epochs_run = len(values["val_loss"])
     best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
     resumed_at = checkpoint.restored["epochs_done"] if checkpoint is not None and checkpoint.restored else 0
-    return Fitted(model, values, best_epoch, seconds, resumed_at)
+    precision = resolve_precision(recipe.precision)
+    if precision != "float32":
+        # What is evaluated, saved and exported is the float32 network: bf16 only speeds up the training.
+        model = float32_copy(model)
+    return Fitted(model, values, best_epoch, seconds, resumed_at, precision)
 
 
 def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epochs: int) -> str:
@@ -395,7 +476,13 @@ def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epoch
     digest = hashlib.sha256()
     for array in (x_train, y_train, x_val, y_val):
         digest.update(np.ascontiguousarray(array).tobytes())
-    settings = {"recipe": recipe.as_dict(), "seed": seed, "epochs": epochs, "code": training_code_version()}
+    settings = {
+        "recipe": recipe.as_dict(),
+        "precision": resolve_precision(recipe.precision),
+        "seed": seed,
+        "epochs": epochs,
+        "code": training_code_version(),
+    }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -422,6 +509,9 @@ def training_path() -> list:
         steps_per_epoch,
         augment_batch,
         one_hot,
+        training_targets,
+        resolve_precision,
+        learning_rate_schedule,
         epoch_orders,
         training_dataset,
         compiled_network,

@@ -124,6 +124,9 @@ class SearchRequest:
                 raise ValueError(f"search space: {name}={values!r}; give a non-empty list of values.")
         if self.max_trials < 0:
             raise ValueError(f"max_trials={self.max_trials}: must be 0 (the whole grid) or positive.")
+        if self.recipe.get("precision", "auto") == "auto":
+            # Resolved once, where the request is made: every trial, in any worker on any machine, computes alike.
+            object.__setattr__(self, "recipe", {**self.recipe, "precision": training.resolve_precision("auto")})
         self.base_recipe()  # Checks the recipe's fields.
 
     def base_recipe(self) -> Recipe:
