@@ -10,6 +10,7 @@ import pytest
 from fmnist import experiments, results, training
 from fmnist.model import build_network, float32_copy, multiply_adds
 from fmnist.recipes import Recipe, recipes_from_params
+from fmnist.runs import file_digest
 
 
 @pytest.mark.parametrize(
@@ -169,7 +170,7 @@ def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path):
         "model": "teacher_seed3.keras",
         "seed": 3,
     }
-    assert result["teacher"]["run_sha256"] == experiments.file_sha256(teacher_run)
+    assert result["teacher"]["run_sha256"] == file_digest(teacher_run)
     # The student's compute counts its teacher's training and its two predictions per training image.
     teacher_result = json.loads(teacher_run.read_text())
     expected = teacher_result["compute"]["flops"] + 4 * teacher_result["multiply_adds"] * 600
@@ -235,7 +236,7 @@ def test_a_student_is_retrained_when_its_teacher_was_and_a_missing_teacher_model
             "test": {"accuracy": 0.9, "loss": 0.3},
         }
         if recipe.teacher:
-            record["teacher"] = {"run_sha256": experiments.file_sha256(experiments.run_path(runs_dir, teacher, seed))}
+            record["teacher"] = {"run_sha256": file_digest(experiments.run_path(runs_dir, teacher, seed))}
         path = experiments.run_path(runs_dir, recipe, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -326,7 +327,7 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
     )
     for name, content in (("good", b"good model"), ("swapped", b"another run's model")):
         (experiments_dir / "models" / f"{name}_int8.tflite").write_bytes(content)
-    exported_digest = experiments.file_sha256(experiments_dir / "models" / "good_int8.tflite")
+    exported_digest = file_digest(experiments_dir / "models" / "good_int8.tflite")
     for name in ("good", "swapped"):
         for seed, accuracy in ((42, 0.95), (43, 0.93)):
             run = {"seed": seed, "validation": {"accuracy": 0.0}, "validation_tta": {"accuracy_without": accuracy}}

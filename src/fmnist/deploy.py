@@ -128,8 +128,8 @@ def shipping_candidates(
     disk, or is not the file its run exported (another run's, by its SHA-256), has ``file`` None and
     cannot ship. ``external_input`` records every file read from outside the run.
     """
-    from fmnist.experiments import file_sha256
     from fmnist.io import read_json
+    from fmnist.runs import file_digest
 
     candidates = [
         {
@@ -153,11 +153,8 @@ def shipping_candidates(
         if not exported:
             continue
         path = Path(experiments_dir) / "models" / exported[0]["litert_files"]["int8"]
-        matching = [
-            run
-            for run in exported
-            if path.is_file() and (run.get("litert_sha256") or {}).get("int8") == file_sha256(path)
-        ]
+        on_disk = file_digest(path) if path.is_file() else None
+        matching = [run for run in exported if on_disk and (run.get("litert_sha256") or {}).get("int8") == on_disk]
         accuracies = [
             run.get("validation_tta", {}).get("accuracy_without", run["validation"]["accuracy"]) for run in runs
         ]

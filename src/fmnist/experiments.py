@@ -21,6 +21,8 @@ import numpy as np
 from fmnist.io import atomic_path, read_json, write_json
 from fmnist.manifest import describe_machine
 from fmnist.recipes import Recipe
+from fmnist.results import training_tflops
+from fmnist.runs import file_digest
 from fmnist.runtime import quiet_tensorflow
 
 quiet_tensorflow()
@@ -130,8 +132,8 @@ def run_one(
             "recipe": recipe.teacher,
             "model": teacher_file.name,
             "seed": seed,
-            "run_sha256": file_sha256(run_path(runs_dir, Recipe(name=recipe.teacher), seed)),
-            "tflops": (_run_flops(teacher_run) + inference_flops) / 1e12,
+            "run_sha256": file_digest(run_path(runs_dir, Recipe(name=recipe.teacher), seed)),
+            "tflops": training_tflops(teacher_run) + inference_flops / 1e12,
         }
     fitted = fit(recipe, x_train, targets, x_val, y_val, seed=seed, checkpoint_dir=checkpoint_dir, verbose=verbose)
     validation_plain, validation_mirrored = predict(fitted.model, x_val)
@@ -157,7 +159,7 @@ def run_one(
         result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
         # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
         result["litert_sha256"] = {
-            kind: file_sha256(Path(models_dir) / name) for kind, name in result["litert_files"].items()
+            kind: file_digest(Path(models_dir) / name) for kind, name in result["litert_files"].items()
         }
     with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
         fitted.model.save(temporary)
@@ -165,19 +167,6 @@ def run_one(
     if checkpoint_dir is not None:
         discard_checkpoint(checkpoint_dir)
     return result
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _run_flops(run: dict[str, Any]) -> int:
-    """A stored run's training FLOPs (6 per multiply-add per image seen), recorded or recomputed."""
-    if run.get("compute"):
-        return int(run["compute"]["flops"])
-    return 6 * run["multiply_adds"] * run["train_images"] * run["epochs_run"]
 
 
 def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Path, name: str) -> dict[str, str]:
@@ -290,7 +279,7 @@ def measure_latency(models_dir: Path, out: Path, runs: int = 1000) -> dict[str, 
 
 
 def _sha_or_none(path: Path) -> str | None:
-    return file_sha256(path) if Path(path).is_file() else None
+    return file_digest(path) if Path(path).is_file() else None
 
 
 def plan(

@@ -247,14 +247,15 @@ class Fitted:
 
     def summary(self, recipe: Recipe, train_images: int) -> dict[str, Any]:
         """What a trained model is and how it got there: the study's training.json and each experiment run."""
+        cost = multiply_adds(self.model)
         return {
             "recipe": recipe.as_dict(),
             "parameters": int(self.model.count_params()),
-            "multiply_adds": multiply_adds(self.model),
+            "multiply_adds": cost,
             "train_images": int(train_images),
             "train_seconds": round(self.train_seconds, 1),
             "precision": self.precision,
-            "compute": training_compute(multiply_adds(self.model), train_images, self.history),
+            "compute": training_compute(cost, train_images, self.history),
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "resumed_at_epoch": self.resumed_at,
