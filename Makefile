@@ -5,9 +5,12 @@ VENV ?= .venv
 PARAMS ?= params
 OUT ?= reports
 BIN := $(VENV)/bin
+# make tensorboard: its port, and the log directory (default: OUT's run in progress if there is one, else OUT's).
+TB_PORT ?= 6006
+TB_LOGDIR ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: all setup data study experiments seed-budget smoke report test lint lab kernel serve bench loadtest ship-model clean
+.PHONY: all setup data study experiments seed-budget smoke report test lint lab kernel tensorboard serve bench loadtest ship-model clean
 
 all: setup data study  ## Set up, then run the full study and render reports/report.html.
 
@@ -66,6 +69,20 @@ ship-model:  ## Make the int8 model that 05_deploy chose (deploy/shipping.json) 
 
 lab: setup data  ## Open the notebooks in JupyterLab, with this environment as the python3 kernel.
 	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+tensorboard: setup  ## TensorBoard on http://127.0.0.1:$(TB_PORT)/ (loopback only): the trainings and trials of $(OUT).
+	@out=$(patsubst %/,%,$(OUT)); logs="$(TB_LOGDIR)"; \
+	if [ -z "$$logs" ]; then \
+	  logs=$$out/tensorboard; work=$$(dirname "$$out")/.$$(basename "$$out").run/tensorboard; \
+	  if [ -d "$$work" ]; then \
+	    echo "A run of $$out is in progress (or unfinished): its logs. The published ones: make tensorboard TB_LOGDIR=$$logs"; \
+	    logs=$$work; \
+	  fi; \
+	fi; \
+	if [ ! -d "$$logs" ]; then echo "No TensorBoard logs in $$logs: fmnist run writes them (they are not committed), e.g. make study."; exit 1; fi; \
+	echo "TensorBoard of $$logs on http://127.0.0.1:$(TB_PORT)/ (Ctrl-C stops it)"; \
+	$(BIN)/tensorboard --logdir "$$logs" --host 127.0.0.1 --port $(TB_PORT) 2>&1 \
+	  | grep --line-buffered -v -E '^(WARNING: All log messages before absl::InitializeLog|[IWE][0-9]{4} )'
 
 kernel: setup  ## Register this environment as the "Python (fmnist)" kernel for a JupyterLab outside it.
 	$(BIN)/python -m ipykernel install --user --name fmnist --display-name "Python (fmnist)"

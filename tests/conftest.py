@@ -52,3 +52,49 @@ def small_dataset(tmp_path, monkeypatch):
             arrays[key] = array
     monkeypatch.setattr(data, "FILES", specs)
     return tmp_path, arrays
+
+
+class TensorBoardLog:
+    """A log directory read the way TensorBoard reads it (every event file in the directory)."""
+
+    @staticmethod
+    def _load(directory: Path):
+        from tensorboard.backend.event_processing import event_accumulator
+
+        accumulator = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
+        accumulator.Reload()
+        return accumulator
+
+    @classmethod
+    def scalars(cls, directory: Path, tag: str) -> list[tuple[int, float]]:
+        """(step, value) of one scalar, e.g. ``epoch_loss`` in ``<log>/validation``; empty when absent."""
+        from tensorboard.util import tensor_util
+
+        accumulator = cls._load(directory)
+        if tag not in accumulator.Tags()["tensors"]:
+            return []
+        return [(event.step, float(tensor_util.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
+
+    @classmethod
+    def hparams(cls, directory: Path) -> dict | None:
+        """The HParams dashboard's view of a trial: its hyperparameters, and ``ended`` when it finished."""
+        from tensorboard.plugins.hparams import api_pb2, metadata
+
+        content = cls._load(directory).PluginTagToContent("hparams")
+        if metadata.SESSION_START_INFO_TAG not in content:
+            return None
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        values = {
+            name: value.number_value if value.HasField("number_value") else value.string_value
+            for name, value in start.hparams.items()
+        }
+        end = content.get(metadata.SESSION_END_INFO_TAG)
+        values["ended"] = (
+            end is not None and metadata.parse_session_end_info_plugin_data(end).status == api_pb2.STATUS_SUCCESS
+        )
+        return values
+
+
+@pytest.fixture
+def tensorboard_log():
+    return TensorBoardLog

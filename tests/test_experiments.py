@@ -188,8 +188,8 @@ def test_summary_means_and_standard_deviations_over_seeds():
     assert rows["b"]["test_accuracy_std"] == 0.0 and rows["b"]["litert_int8_p50_ms"] is None
     assert rows["a"]["test_accuracy_without_tta_mean"] == pytest.approx(0.90)
     table = results.results_table(list(rows.values()))
-    assert table.loc["a", "accuracy without / with flip TTA"] == "0.9000 / 0.9100"
-    assert table.loc["a", "test accuracy"] == "0.9100 ± 0.0141"
+    assert table.loc["a", "accuracy without / with flip TTA"] == "0.9000\u00a0/\u00a00.9100"
+    assert table.loc["a", "test accuracy"] == "0.9100\u00a0±\u00a00.0141"
     # Mean of +1 and 0 points; runs recorded before validation TTA existed show n/a.
     assert table.loc["a", "TTA gain on validation (points)"] == "+0.50"
     assert table.loc["b", "TTA gain on validation (points)"] == "n/a"

@@ -142,7 +142,7 @@ def test_distillation_targets_soften_the_teachers_answers_and_keep_the_labels_sh
     assert entropy(softer) > entropy(teachers)  # A higher temperature moves every row towards uniform.
 
 
-def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path):
+def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path, tensorboard_log):
     images, labels = _bands(700)
     test_images, test_labels = _bands(100, seed=1)
     common = {"architecture": "bn_cnn", "width": 8, "epochs": 1, "patience": 0, "precision": "float32"}
@@ -157,6 +157,7 @@ def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path):
         "train_subset": 0,
         "runs_dir": tmp_path / "runs",
         "models_dir": tmp_path / "models",
+        "tensorboard_dir": tmp_path / "tensorboard",
         "verbose": 0,
     }
     with pytest.raises(FileNotFoundError, match="distils 'teacher', whose model .* is not on disk"):
@@ -178,6 +179,12 @@ def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path):
     assert results.training_tflops(result) == pytest.approx((result["compute"]["flops"] + expected) / 1e12)
     assert 0.0 <= result["test"]["accuracy"] <= 1.0
     assert experiments.run_path(tmp_path / "runs", student, 3).is_file()
+    # Each run logged its epochs for TensorBoard in a directory of its own, so the runs compare side by side.
+    assert sorted(path.name for path in (tmp_path / "tensorboard").iterdir()) == ["student_seed3", "teacher_seed3"]
+    validation = tensorboard_log.scalars(tmp_path / "tensorboard" / "student_seed3" / "validation", "epoch_loss")
+    assert [step for step, _ in validation] == [0] and validation[0][1] == pytest.approx(
+        result["history"]["val_loss"][0]
+    )
 
 
 def _candidate(name, architecture, validation, path):
@@ -225,10 +232,11 @@ def test_a_student_is_retrained_when_its_teacher_was_and_a_missing_teacher_model
     teacher = Recipe.from_params("teacher", {})
     student = Recipe.from_params("student", {"teacher": "teacher"})
     runs, models = tmp_path / "runs", tmp_path / "models"
-    trained = []
+    trained, logged = [], []
 
     def fake_run_one(recipe, seed, *, runs_dir, models_dir, **_):
         trained.append(recipe.name)
+        logged.append(_.get("tensorboard_dir"))
         record = {
             "recipe": recipe.as_dict(),
             "seed": seed,
@@ -261,8 +269,11 @@ def test_a_student_is_retrained_when_its_teacher_was_and_a_missing_teacher_model
     path = experiments.run_path(runs, teacher, 1)
     path.write_text(path.read_text().replace('"version": 1', '"version": 9'))
     messages = []
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
+    experiments.run_all(
+        plan, runs_dir=runs, models_dir=models, progress=messages.append, tensorboard_dir=tmp_path / "tensorboard"
+    )
     assert trained == ["teacher", "student", "teacher", "student"]
+    assert logged[-2:] == [tmp_path / "tensorboard"] * 2  # The retrained teacher logs too.
     assert any("its teacher was retrained since" in message for message in messages)
     assert any("retraining the teacher (no model on disk)" in message for message in messages)
 
@@ -283,9 +294,12 @@ def test_the_throughput_probe_times_a_recipe_with_a_warm_up():
             "patience": 0,
         },
     )
-    figures = experiments.measure_throughput(recipe, images, labels, steps=2)
+    figures = experiments.measure_throughput(recipe, images, labels, steps=3, rounds=2)
     assert {"float32_augmented", "float32_plain"} <= set(figures["runs"])
     assert all(run["step_ms"] > 0 and run["gflops"] > 0 for run in figures["runs"].values())
+    # Each configuration ran once per round, and the figure is its fastest round's median step.
+    for run in figures["runs"].values():
+        assert len(run["step_ms_rounds"]) == 2 and run["step_ms"] == pytest.approx(min(run["step_ms_rounds"]), abs=1e-3)
     assert 0.0 <= figures["float32_augmentation_share"] < 1.0
 
 

@@ -24,21 +24,69 @@ from fmnist.cli import main
 from fmnist.config import CLASS_NAMES, PARAMS_DIR, ArtifactLayout
 from fmnist.pipeline import StageFailed, run_chain
 
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "page-screenshots"
+
 pytestmark = pytest.mark.slow
+
+
+# What TensorFlow, LiteRT and the converter write on their own: none of it belongs on a reader's screen.
+LIBRARY_NOISE = re.compile(
+    r"absl::InitializeLog|^[IWE]\d{4} |cuInit|NodeDef mentions|Created TensorFlow Lite|Assets written to|"
+    r"UserWarning|fully_quantize|Input Notebook|Kernel is running over TCP|Captures:",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
+    """The smoke chain as a user starts it, at default verbosity: (what it printed, its artifacts)."""
     out_dir = tmp_path_factory.mktemp("smoke")
-    result = run_chain(PARAMS_DIR / "smoke", out_dir, echo="none")
-    return result, ArtifactLayout(out_dir)
+    finished = subprocess.run(
+        [sys.executable, "-m", "fmnist", "run", "--params", str(PARAMS_DIR / "smoke"), "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    return finished.stdout + finished.stderr, ArtifactLayout(out_dir)
 
 
 def test_every_stage_ran_and_was_timed(smoke_run):
-    result, layout = smoke_run
-    assert list(result.stage_seconds) == ["01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy", "report"]
-    for stage in result.stage_seconds:
+    _, layout = smoke_run
+    stages = json.loads(layout.manifest.read_text())["stages"]
+    assert list(stages) == ["01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy", "report"]
+    for stage, entry in stages.items():
         assert (layout.executed_notebooks / f"{stage}.ipynb").is_file()
+        assert entry["runner_wall_time_seconds"] > 0
+
+
+def test_a_smoke_run_prints_progress_not_library_noise(smoke_run):
+    printed, layout = smoke_run
+    lines = printed.splitlines()
+    assert 10 < len(lines) <= 150, printed
+    assert not LIBRARY_NOISE.search(printed), LIBRARY_NOISE.search(printed)
+    assert re.search(r"^  Epoch \d+/3$", printed, re.MULTILINE), printed
+    # Nothing is lost: the libraries' own messages are in the stage logs.
+    assert LIBRARY_NOISE.search((layout.root / "logs" / "03_train.log").read_text())
+
+
+def noisy_outputs(notebook: Path) -> list[str]:
+    """The stderr outputs of an executed notebook that carry library noise."""
+    found = []
+    for index, cell in enumerate(json.loads(notebook.read_text())["cells"]):
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", ""))
+            if output.get("name") == "stderr" and LIBRARY_NOISE.search(text):
+                found.append(f"{notebook.name} cell {index}: {text[:160]!r}")
+    return found
+
+
+def test_executed_notebooks_carry_no_library_noise(smoke_run):
+    _, layout = smoke_run
+    notebooks = sorted(layout.executed_notebooks.glob("*.ipynb"))
+    assert len(notebooks) == 6
+    found = [line for notebook in notebooks for line in noisy_outputs(notebook)]
+    assert not found, "\n".join(found)
 
 
 def test_metrics_json_holds_what_the_report_needs(smoke_run):
@@ -62,10 +110,33 @@ def test_tuning_used_the_validation_split_and_training_used_its_result(smoke_run
     best = json.loads(layout.best_hyperparameters.read_text())
     training = json.loads(layout.training_summary.read_text())
     source = best.pop("source")
-    assert source.startswith("this search (grid") and {key: training["recipe"][key] for key in best} == best
+    assert source == "this search: grid, 1 epoch per trial"
+    assert {key: training["recipe"][key] for key in best} == best
     assert training["hyperparameter_source"].startswith("tuning result")
     assert training["epochs_run"] == 3 and training["resumed_at_epoch"] == 0
     assert layout.model.is_file()
+
+
+def test_trainings_log_to_tensorboard_in_the_run_and_no_stage_tracks_the_logs(smoke_run, tensorboard_log):
+    _, layout = smoke_run
+    logs = layout.tensorboard_dir
+    # 03_train: one step per epoch, the values of its history.
+    history = json.loads(layout.history.read_text())
+    validation = tensorboard_log.scalars(logs / "03_train" / "validation", "epoch_loss")
+    assert [step for step, _ in validation] == [0, 1, 2]
+    assert [value for _, value in validation] == pytest.approx(history["val_loss"], rel=1e-5)
+    assert [step for step, _ in tensorboard_log.scalars(logs / "03_train" / "train", "epoch_loss")] == [0, 1, 2]
+    # 02_tune: one directory per trial, with the trial's values for the HParams dashboard.
+    trials = pd.read_csv(layout.tuning_trials, dtype={"trial": str})
+    assert sorted(path.name for path in (logs / "02_tune").iterdir()) == sorted(trials["trial"])
+    for trial in trials.itertuples():
+        hparams = tensorboard_log.hparams(logs / "02_tune" / trial.trial / "execution0")
+        assert hparams["ended"] and hparams["learning_rate"] == pytest.approx(trial.learning_rate)
+    # Published with the run, but no stage's input or output: they are git-ignored under reports/, and a
+    # fresh clone without them must not rerun anything (see the rerun test below).
+    for stage_manifest in (layout.root / "manifests").glob("*.json"):
+        record = json.loads(stage_manifest.read_text())["run"]
+        assert not [name for name in [*record["inputs"], *record["outputs"]] if name.startswith("tensorboard/")]
 
 
 def test_manifest_records_versions_checksums_parameters_commit_and_times(smoke_run):
@@ -287,6 +358,13 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     assert summary["comparison"][0]["test_accuracy"] == 0.90
     assert set(summary["calibration"]) == {"seed_tuned", "bn_cnn"}
     assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 7
+    # Every training logged its epochs for TensorBoard, in a directory of its own; so did the search's trials.
+    logs = layout.tensorboard_dir / "06_experiments"
+    runs = sorted(f"{path.parent.name}_{path.stem}" for path in layout.experiment_runs.glob("*/seed*.json"))
+    assert sorted(path.name for path in logs.iterdir() if path.name != "search") == runs
+    assert all(any((logs / run / "validation").iterdir()) for run in runs)
+    search = json.loads((layout.experiments / "search.json").read_text())
+    assert len(list((logs / "search").glob("*/execution0/validation"))) == search["trials"] > 0
     for figure in (
         "experiments_accuracy_latency",
         "experiments_accuracy_compute",
@@ -294,6 +372,7 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
         "experiments_reliability",
     ):
         assert layout.figure(figure).is_file()
+    assert not noisy_outputs(layout.executed_notebooks / "06_experiments.ipynb")
     # A rerun trains nothing: every run is on disk with the same recipe.
     before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
     run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), echo="none")
@@ -335,7 +414,8 @@ def test_stages_from_another_profile_are_reported_as_mixed(smoke_run, tmp_path):
 def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(smoke_run, tmp_path):
     _, reference = smoke_run
     out = tmp_path / "out"
-    shutil.copytree(reference.root, out)
+    # As a fresh clone has it: the TensorBoard logs are git-ignored, and no stage reruns for them.
+    shutil.copytree(reference.root, out, ignore=shutil.ignore_patterns("tensorboard"))
     same = run_chain(PARAMS_DIR / "smoke", out, echo="none")
     assert same.stage_seconds == {} and same.kept == [
         "01_eda",
@@ -360,3 +440,71 @@ def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(s
     assert list(changed.stage_seconds) == ["04_evaluate", "report"]
     assert changed.kept == ["01_eda", "02_tune", "03_train", "05_deploy"]
     assert json.loads((out / "manifests" / "04_evaluate.json").read_text())["parameters"]["misclassified_examples"] == 4
+
+
+# In the page: every heading with what follows it up to the next heading, as a person reads the document.
+SECTIONS_SCRIPT = """
+() => {
+  const nodes = document.querySelectorAll('.jp-Cell h2, .jp-Cell h3, .jp-Cell p, .jp-Cell img, .jp-Cell table,'
+    + ' .jp-Cell li, .jp-Cell pre, .jp-Cell blockquote');
+  const sections = [];
+  for (const node of nodes) {
+    if (node.tagName === 'H2' || node.tagName === 'H3') {
+      sections.push({heading: node.textContent.replace('¶', '').trim(), content: 0});
+    } else if (sections.length && (node.tagName === 'IMG' || node.textContent.trim())) {
+      sections[sections.length - 1].content += 1;
+    }
+  }
+  return sections;
+}
+"""
+
+
+def test_the_report_reads_offline_with_contents_banner_and_no_empty_section(smoke_run):
+    """The smoke run's report in Chromium with the network off: what a reader sees first, and that nothing is empty."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium and os.environ.get("CI") != "true":
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); CI installs it")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    _, layout = smoke_run
+    machine = json.loads(layout.manifest.read_text())["machine"]
+    requests, failures = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        context = browser.new_context(offline=True, viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("requestfailed", lambda request: failures.append(request.url))
+        page.goto(layout.report.resolve().as_uri(), wait_until="load")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "report-top.png"))
+
+        # Offline and self-contained: the page itself and inline data only, nothing failed.
+        assert not failures, failures
+        assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+        # The banner, above the contents: the profile (a smoke run says it is one) and the machine's CPU.
+        banner = page.locator("blockquote").first
+        assert "Not the reference study" in banner.inner_text() and "params/smoke" in banner.inner_text()
+        assert machine["cpu"] in banner.inner_text()
+        contents = page.locator("nav#contents")
+        assert banner.bounding_box()["y"] < contents.bounding_box()["y"] < page.locator("h2").nth(1).bounding_box()["y"]
+
+        # Every contents entry leads to a visible heading of the same name, and following one scrolls there.
+        links = contents.locator("a")
+        assert links.count() >= 8
+        for index in range(links.count()):
+            link = links.nth(index)
+            target = page.locator(f"id={link.get_attribute('href')[1:]}")
+            assert target.count() == 1 and target.is_visible(), link.get_attribute("href")
+            assert target.inner_text().replace("¶", "").strip() == link.inner_text().strip()
+        last = links.nth(links.count() - 1)
+        last.click()
+        heading = page.locator(f"id={last.get_attribute('href')[1:]}")
+        assert 0 <= heading.bounding_box()["y"] < 800
+
+        # No empty sections: the smoke run has no ablation or calibration, so those headings are left out.
+        sections = page.evaluate(SECTIONS_SCRIPT)
+        assert [section["heading"] for section in sections if not section["content"]] == []
+        assert not any(section["heading"].startswith(("Ablation", "Calibration")) for section in sections)
+        browser.close()

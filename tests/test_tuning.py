@@ -100,6 +100,38 @@ def test_a_rerun_keeps_finished_trials_and_a_changed_request_starts_fresh(datase
     assert [path.name for path in tmp_path.iterdir()] == [f"search_{other.digest}"]
 
 
+def test_every_trial_logs_its_epochs_and_hyperparameters_for_tensorboard(dataset, tmp_path, tensorboard_log):
+    request = _request(dataset, search_space={"learning_rate": [1e-3, 1e-4], "batch_size": [64], "dropout_rate": [0.1]})
+    logs, state = tmp_path / "tensorboard", tmp_path / "keras_tuner"
+    found = tuning.search(request, dataset.x_train, dataset.y_train, directory=state, verbose=0, tensorboard_dir=logs)
+    # keras-tuner gave each trial its own directory, with its values for the HParams dashboard.
+    assert sorted(path.name for path in logs.iterdir()) == sorted(found.trials["trial"])
+    for trial in found.trials.itertuples():
+        run = logs / trial.trial / "execution0"
+        hparams = tensorboard_log.hparams(run)
+        assert hparams["ended"] and hparams["batch_size"] == 64 and hparams["dropout_rate"] == pytest.approx(0.1)
+        assert hparams["learning_rate"] == pytest.approx(trial.learning_rate)
+        validation = tensorboard_log.scalars(run / "validation", "epoch_loss")
+        assert [step for step, _ in validation] == [0] and validation[0][1] == pytest.approx(trial.val_loss, rel=1e-5)
+        assert [step for step, _ in tensorboard_log.scalars(run / "train", "epoch_loss")] == [0]
+
+    def files() -> list[str]:
+        return sorted(path.relative_to(logs).as_posix() for path in logs.rglob("*") if path.is_file())
+
+    # Resumed: the finished trials keep their logs; the log of a trial that did not finish (in flight at a
+    # kill, so run again) goes.
+    kept = files()
+    (logs / "7" / "execution0").mkdir(parents=True)
+    (logs / "7" / "execution0" / "events.out.tfevents.0.killed").write_bytes(b"")
+    again = tuning.search(request, dataset.x_train, dataset.y_train, directory=state, verbose=0, tensorboard_dir=logs)
+    assert again.stats["trials_run_now"] == 0 and files() == kept
+    # Another request starts afresh, and its trial ids start again: no earlier trial's log may remain.
+    other = _request(dataset, search_space={"learning_rate": [1e-3], "batch_size": [64], "dropout_rate": [0.3]})
+    fresh = tuning.search(other, dataset.x_train, dataset.y_train, directory=state, verbose=0, tensorboard_dir=logs)
+    assert [path.name for path in logs.iterdir()] == list(fresh.trials["trial"])
+    assert tensorboard_log.hparams(logs / fresh.trials["trial"][0] / "execution0")["dropout_rate"] == pytest.approx(0.3)
+
+
 def test_trials_train_through_the_studys_fit(dataset, monkeypatch, tmp_path):
     from fmnist import training
 

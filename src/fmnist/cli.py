@@ -5,6 +5,7 @@ Examples:
   fmnist run --params params/smoke --out build/smoke   the tiny profile (about 2 minutes)
   fmnist classify shirt.jpg           top classes of an image (no TensorFlow needed)
   fmnist serve                        the page and JSON API on http://127.0.0.1:8000/
+  fmnist runs                         every published run (reports/, build/*) with its results
 """
 
 from __future__ import annotations
@@ -224,6 +225,28 @@ def _latency(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(arguments: argparse.Namespace) -> int:
+    from fmnist import run_index
+    from fmnist.io import write_text
+
+    roots = arguments.root or [str(root) for root in run_index.DEFAULT_ROOTS]
+    missing = [root for root in arguments.root or [] if not os.path.isdir(root)]
+    if missing:
+        print(f"fmnist runs: error: {', '.join(missing)}: no such directory", file=sys.stderr)
+        return 2
+    rows = run_index.index_runs(roots)
+    if rows:
+        print(run_index.format_table(rows))
+    else:
+        print(
+            f"fmnist runs: no published run (a directory with manifest.json) below {', '.join(roots)}", file=sys.stderr
+        )
+    if arguments.csv:
+        write_text(arguments.csv, run_index.csv_text(rows))
+        print(f"fmnist runs: {len(rows)} row(s) written to {arguments.csv}", file=sys.stderr)
+    return 0
+
+
 def _tune_worker(arguments: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -237,7 +260,13 @@ def _tune_worker(arguments: argparse.Namespace) -> int:
     from fmnist.data import DataError
 
     try:
-        return tuning.run_worker(arguments.oracle, arguments.id, Path(arguments.directory), arguments.data_dir)
+        return tuning.run_worker(
+            arguments.oracle,
+            arguments.id,
+            Path(arguments.directory),
+            arguments.data_dir,
+            tensorboard_dir=Path(arguments.tensorboard) if arguments.tensorboard else None,
+        )
     except (RuntimeError, ValueError, DataError) as error:
         print(f"fmnist tune-worker: error: {error}", file=sys.stderr)
         return 2
@@ -366,6 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     benchmark.set_defaults(handler=_bench)
 
+    index = commands.add_parser(
+        "runs",
+        help="list the published runs with their commit, machine, test accuracy and loss",
+        description="Find every published run (a directory with the runner's manifest.json) below the roots and "
+        "print one row each, newest first: run id, params profile, git commit (-dirty: uncommitted changes), "
+        "machine (CPU model, cores, widest vector unit), test accuracy and loss (metrics.json), and study time "
+        "(every stage's wall time added up, stages kept from earlier runs included). Unknown fields show as -. "
+        "Example: fmnist runs --root reports --root build --csv build/runs.csv",
+    )
+    index.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="where to look, searched recursively (repeatable; default: the project's reports/ and build/)",
+    )
+    index.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV file (e.g. runs.csv)")
+    index.set_defaults(handler=_runs)
+
     worker = commands.add_parser(
         "tune-worker",
         help="join a distributed 02_tune search as a keras-tuner worker",
@@ -382,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where trial checkpoints go (default: %(default)s; Hyperband needs the chief's, on a shared disk)",
     )
     worker.add_argument("--data-dir", help="the Fashion-MNIST files (default: the usual places, see `fmnist data`)")
+    worker.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write each trial's TensorBoard log below DIR (default: none; the chief's log prints its directory, "
+        "which a worker on a shared disk can use so that its trials show with the others)",
+    )
     worker.set_defaults(handler=_tune_worker)
 
     load = commands.add_parser(

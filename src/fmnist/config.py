@@ -147,6 +147,15 @@ class ArtifactLayout:
         return self.root / "deploy" / "shipped_int8.tflite"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard logs of the trainings, one directory per stage (``tensorboard/03_train/`` ...).
+
+        Published with the run but neither a stage's input nor its output (``fmnist.runs`` tracks
+        neither), and git-ignored under ``reports/``: ``make tensorboard`` shows them.
+        """
+        return self.root / "tensorboard"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

@@ -30,7 +30,7 @@ quiet_tensorflow()
 import keras  # noqa: E402
 
 from fmnist import evaluation  # noqa: E402
-from fmnist.training import discard_checkpoint, fit, training_code_version  # noqa: E402
+from fmnist.training import TensorBoard, discard_checkpoint, fit, training_code_version  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -60,6 +60,11 @@ def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
 
 def run_path(runs_dir: Path, recipe: Recipe, seed: int) -> Path:
     return Path(runs_dir) / recipe.name / f"seed{seed}.json"
+
+
+def tensorboard_path(tensorboard_dir: Path, recipe_name: str, seed: int) -> Path:
+    """Where a run's TensorBoard log goes: one directory per (recipe, seed), so the curves compare side by side."""
+    return Path(tensorboard_dir) / f"{recipe_name}_seed{seed}"
 
 
 def model_path(models_dir: Path, recipe_name: str, seed: int) -> Path:
@@ -101,12 +106,14 @@ def run_one(
     export: bool = False,
     representative_images: int = 500,
     checkpoint_dir: Path | None = None,
+    tensorboard_dir: Path | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
     """Train and evaluate one recipe with one seed; write its result, its Keras model and, with ``export``,
     its LiteRT models into ``models_dir``.
 
-    With ``checkpoint_dir`` a killed run resumes at its last complete epoch.
+    With ``checkpoint_dir`` a killed run resumes at its last complete epoch. With ``tensorboard_dir``
+    the training logs its epochs to ``<tensorboard_dir>/<recipe>_seed<N>/``.
     """
     from fmnist import data
 
@@ -135,7 +142,18 @@ def run_one(
             "run_sha256": file_digest(run_path(runs_dir, Recipe(name=recipe.teacher), seed)),
             "tflops": training_tflops(teacher_run) + inference_flops / 1e12,
         }
-    fitted = fit(recipe, x_train, targets, x_val, y_val, seed=seed, checkpoint_dir=checkpoint_dir, verbose=verbose)
+    callbacks = [] if tensorboard_dir is None else [TensorBoard(tensorboard_path(tensorboard_dir, recipe.name, seed))]
+    fitted = fit(
+        recipe,
+        x_train,
+        targets,
+        x_val,
+        y_val,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     validation_plain, validation_mirrored = predict(fitted.model, x_val)
     plain, mirrored = predict(fitted.model, x_test)
     result = {
@@ -196,13 +214,16 @@ def run_all(
     train_missing: bool = True,
     force: bool = False,
     progress: Callable[[str], None] = _say,
+    tensorboard_dir: Path | None = None,
     **data_and_settings: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run every (recipe, seed) of ``plan`` that has no result yet.
 
     Returns the results in plan order and the runs still missing (those not
     trained because ``train_missing`` is False). A recipe's first seed also
-    exports its LiteRT models, for latency and size.
+    exports its LiteRT models, for latency and size. Each training logs to
+    ``<tensorboard_dir>/<recipe>_seed<N>/`` when ``tensorboard_dir`` is given
+    (a kept run keeps the log it has).
     """
     plan = list(plan)
     results, missing = [], []
@@ -236,6 +257,7 @@ def run_all(
                 runs_dir=runs_dir,
                 models_dir=models_dir,
                 checkpoint_dir=Path(runs_dir).parent / "checkpoints" / teacher.name / f"seed{seed}",
+                tensorboard_dir=tensorboard_dir,
                 **data_and_settings,
             )
             results = [r for r in results if (r["recipe"]["name"], r["seed"]) != (teacher.name, seed)] + [retrained]
@@ -249,6 +271,7 @@ def run_all(
             models_dir=models_dir,
             export=seed == first_seed[recipe.name],
             checkpoint_dir=checkpoint,
+            tensorboard_dir=tensorboard_dir,
             **data_and_settings,
         )
         progress(
@@ -322,6 +345,7 @@ def search_hyperparameters(
     out_dir: Path,
     data_checksums: dict[str, str] | None = None,
     workers: int = 0,
+    tensorboard_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Hyperband over ``search_space`` for ``recipe`` on the validation split, or the stored result of the same search.
 
@@ -330,7 +354,8 @@ def search_hyperparameters(
     recipe's schedule runs over ``max_epochs``, the longest any trial trains.
     Trials run through ``fmnist.tuning.search`` (resumable; ``workers`` > 0
     spreads them over worker processes). Writes ``search.json`` (the request,
-    the best values, the wall time) and ``search_trials.csv`` in ``out_dir``.
+    the best values, the wall time) and ``search_trials.csv`` in ``out_dir``;
+    with ``tensorboard_dir``, each trial's TensorBoard log and hyperparameters.
     """
     import dataclasses
 
@@ -353,7 +378,14 @@ def search_hyperparameters(
             _say(f"search: the same search ran before ({stored['seconds']:.0f} s); reusing {stored['best']}")
             return stored
     _say(f"search: Hyperband over {search_space} for {recipe.name}, up to {max_epochs} epochs")
-    found = tuning.search(request, x_train_full, y_train_full, directory=Path(out_dir) / "keras_tuner", workers=workers)
+    found = tuning.search(
+        request,
+        x_train_full,
+        y_train_full,
+        directory=Path(out_dir) / "keras_tuner",
+        workers=workers,
+        tensorboard_dir=tensorboard_dir,
+    )
     with atomic_path(Path(out_dir) / "search_trials.csv") as temporary:
         found.trials.to_csv(temporary, index=False)
     result = {
@@ -368,11 +400,29 @@ def search_hyperparameters(
     return result
 
 
-def measure_throughput(recipe: Recipe, images: np.ndarray, labels: np.ndarray, *, steps: int = 60) -> dict[str, Any]:
+class StepTimer(keras.callbacks.Callback):
+    """The wall time between consecutive training steps' ends: what one step costs, input pipeline included."""
+
+    def on_train_begin(self, logs=None):
+        self.intervals: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.intervals.append(now - self._last)
+        self._last = now
+
+
+def measure_throughput(
+    recipe: Recipe, images: np.ndarray, labels: np.ndarray, *, steps: int = 60, rounds: int = 3
+) -> dict[str, Any]:
     """Training speed of ``recipe`` here: float32 against bfloat16 (where native), with and without augmentation.
 
-    Each configuration trains 20 untimed steps, then three blocks of ``steps / 3`` timed ones (the
-    fastest block counts), through the real input pipeline (``training.training_dataset``). The
+    Each configuration trains 20 untimed steps (tracing, warm-up), then ``steps`` timed ones in the
+    same call, through the real input pipeline (``training.training_dataset``). A step's time is the
+    median interval between steps, so a passing stall does not count; the configurations take turns
+    over ``rounds`` rounds and each keeps its fastest round, so none is favoured by when it ran. The
     augmentation's share of a step is 1 - (step time without augmentation) / (step time with it).
     """
     import dataclasses
@@ -381,32 +431,43 @@ def measure_throughput(recipe: Recipe, images: np.ndarray, labels: np.ndarray, *
     from fmnist.manifest import machine
     from fmnist.model import multiply_adds
 
+    if steps < 1 or rounds < 1:
+        raise ValueError(f"steps={steps}, rounds={rounds}: time at least one step in at least one round.")
+    warmup = 20
     precisions = ["float32"] + (["bfloat16"] if machine()["auto_precision"] == "bfloat16" else [])
     variants = {
         "augmented": recipe,
         "plain": dataclasses.replace(recipe, shift_pixels=0, horizontal_flip=False, erasing=0.0),
     }
-    figures: dict[str, Any] = {"recipe": recipe.name, "steps": steps, "batch_size": recipe.batch_size, "runs": {}}
-    for precision in precisions:
-        for kind, variant in variants.items():
-            # One epoch is enough to time steps; a warm-up must be shorter than the epochs, so none.
-            variant = dataclasses.replace(variant, precision=precision, epochs=1, warmup_epochs=0)
-            model = training.build(variant, len(labels), seed=0)
-            data = training.training_dataset(images, labels, variant, seed=0).repeat()
-            model.fit(data, steps_per_epoch=20, epochs=1, verbose=0, shuffle=False)  # Tracing and warm-up.
-            # The best of three timed blocks: a block that a passing stall slowed does not count.
-            blocks = []
-            for _ in range(3):
-                started = time.perf_counter()
-                model.fit(data, steps_per_epoch=max(1, steps // 3), epochs=1, verbose=0, shuffle=False)
-                blocks.append((time.perf_counter() - started) / max(1, steps // 3))
-            seconds = min(blocks)
-            flops = 6 * multiply_adds(model) * recipe.batch_size
-            figures["runs"][f"{precision}_{kind}"] = {
-                "step_ms": seconds * 1e3,
-                "images_per_second": recipe.batch_size / seconds,
-                "gflops": flops / seconds / 1e9,
-            }
+    figures: dict[str, Any] = {
+        "recipe": recipe.name,
+        "steps": steps,
+        "rounds": rounds,
+        "batch_size": recipe.batch_size,
+        "runs": {},
+    }
+    medians: dict[str, list[float]] = {}
+    flops_per_step: dict[str, float] = {}
+    for _ in range(rounds):
+        for precision in precisions:
+            for kind, variant in variants.items():
+                # One epoch is enough to time steps; a warm-up must be shorter than the epochs, so none.
+                variant = dataclasses.replace(variant, precision=precision, epochs=1, warmup_epochs=0)
+                model = training.build(variant, len(labels), seed=0)
+                data = training.training_dataset(images, labels, variant, seed=0).repeat()
+                timer = StepTimer()
+                model.fit(data, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+                name = f"{precision}_{kind}"
+                medians.setdefault(name, []).append(float(np.median(timer.intervals[warmup - 1 :])))
+                flops_per_step[name] = 6 * multiply_adds(model) * recipe.batch_size
+    for name, values in medians.items():
+        seconds = min(values)
+        figures["runs"][name] = {
+            "step_ms": seconds * 1e3,
+            "step_ms_rounds": [round(value * 1e3, 3) for value in values],
+            "images_per_second": recipe.batch_size / seconds,
+            "gflops": flops_per_step[name] / seconds / 1e9,
+        }
     runs = figures["runs"]
     for precision in precisions:
         with_it, without = runs[f"{precision}_augmented"]["step_ms"], runs[f"{precision}_plain"]["step_ms"]

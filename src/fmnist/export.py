@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.io import atomic_path
-from fmnist.runtime import quiet_tensorflow
+from fmnist.runtime import native_output_to_log, quiet_tensorflow
 
 quiet_tensorflow()
 
@@ -63,7 +63,8 @@ def _converter(model) -> tf.lite.TFLiteConverter:
 
 
 def to_float32(model) -> bytes:
-    return _converter(model).convert()
+    with native_output_to_log():  # The converter prints its settings on fd 2.
+        return _converter(model).convert()
 
 
 def to_int8(model, representative_images: np.ndarray) -> bytes:
@@ -81,14 +82,16 @@ def to_int8(model, representative_images: np.ndarray) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    return converter.convert()
+    with native_output_to_log():
+        return converter.convert()
 
 
 def operators(model_bytes: bytes) -> set[str]:
     """The operator names a LiteRT model uses (to prove it has no Flex ops)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=model_bytes)
+    with native_output_to_log():
+        interpreter = Interpreter(model_content=model_bytes)
     return {op["op_name"] for op in interpreter._get_ops_details()}  # noqa: SLF001 - the only public-ish listing.
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from fmnist.config import CLASS_NAMES, IMAGE_SIZE, PACKAGE_DIR
 from fmnist.preprocess import prepare_image
+from fmnist.runtime import native_output_to_log
 
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "fmnist_int8.tflite"
 # The signature output name of a model that outputs logits (fmnist.export.LOGITS); any other output is
@@ -91,8 +92,9 @@ class Classifier:
                 "(the study's 05_deploy stage writes them to OUT/deploy/)."
             )
         try:
-            self.interpreter = _interpreter_class()(model_path=str(self.model_path), num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            with native_output_to_log():  # LiteRT announces its XNNPACK delegate on fd 2.
+                self.interpreter = _interpreter_class()(model_path=str(self.model_path), num_threads=num_threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:
             raise ModelError(f"{self.model_path}: not a usable LiteRT model ({error}).") from error
         self._input = self.interpreter.get_input_details()[0]

@@ -10,6 +10,7 @@ same command resumes there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, OPTIONAL_STAGES, REPORT_NOT
 from fmnist.io import read_json, write_json
 from fmnist.manifest import describe_machine, environment
 from fmnist.params import load_profile
+from fmnist.runtime import NATIVE_OUTPUT_ENV
 from fmnist.stage import notebook_path
 
 KERNEL_NAME = "python3"
@@ -115,6 +117,18 @@ class StageLog:
         self.file.close()
 
 
+@contextlib.contextmanager
+def _restored(name: str, value: str | None):
+    """Put environment variable ``name`` back to ``value`` (None: unset) when the block ends."""
+    try:
+        yield
+    finally:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout, *, echo: str = "progress") -> float:
     """Execute one notebook into ``layout.executed_notebooks``; return its wall time in seconds.
 
@@ -129,8 +143,12 @@ def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout
     partial = output.with_name(f".{stage}.running.ipynb")
     output.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The kernel does not forward what native libraries write to its file descriptor 2 (TensorFlow's C++ logs,
+    # LiteRT's notices) into the notebook: it inherits ours, which is the stage's log (the terminal with --verbose).
+    native_output = os.environ.get(NATIVE_OUTPUT_ENV)
+    os.environ[NATIVE_OUTPUT_ENV] = "show"
     started = time.perf_counter()
-    with StageLog(layout.root / "logs" / f"{stage}.log", echo) as log:
+    with StageLog(layout.root / "logs" / f"{stage}.log", echo) as log, _restored(NATIVE_OUTPUT_ENV, native_output):
         try:
             papermill.execute_notebook(
                 str(notebook_path(stage)),
@@ -143,6 +161,7 @@ def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout
                 stdout_file=log,
                 stderr_file=log,
                 request_save_on_cell_execute=True,
+                extra_arguments=["--IPKernelApp.capture_fd_output=False"],
             )
         except PapermillExecutionError as error:
             os.replace(partial, output)

@@ -224,13 +224,15 @@ def reliability(curves: dict[str, dict]) -> plt.Figure:
             [b["confidence"] for b in bins],
             [b["accuracy"] for b in bins],
             marker="o",
-            label=f"{name} (ECE {calibration['ece']:.3f})",
+            label=f"{name}, seed {calibration['seed']} (ECE {calibration['ece']:.3f})"
+            if "seed" in calibration
+            else f"{name} (ECE {calibration['ece']:.3f})",
         )
     axis.set_xlabel("confidence of the top class")
     axis.set_ylabel("accuracy")
     axis.set_xlim(0, 1.01)
     axis.set_ylim(0, 1.01)
-    axis.set_title("Reliability on the test set")
+    axis.set_title("Reliability on the test set (one seed per model)")
     axis.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
     return figure
@@ -319,7 +321,8 @@ def ablation(rows: list[dict]) -> plt.Figure:
     axis.barh(labels, values, color=["#c0392b" if v < 0 else "#27ae60" for v in values])
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_xlabel(f"test accuracy change vs {rows[0]['model']} (points)")
-    axis.set_title("Ablation: what each ingredient adds")
+    runs = rows[0]["seeds"]
+    axis.set_title(f"Ablation: what each ingredient adds ({runs} seed{'s' if runs != 1 else ''} per row)")
     figure.tight_layout()
     return figure
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,11 @@ from fmnist.config import (
 from fmnist.io import read_json, write_text
 from fmnist.manifest import describe_machine
 from fmnist.results import ROLE_LABELS
+from fmnist.run_index import duration, stage_seconds, study_seconds
+
+# The reference study's params profile; any other (params/smoke, a copy) is said to be one in the banner.
+REFERENCE_PROFILE = "params"
+UPPER_BODY = {"T-shirt/top", "Pullover", "Coat", "Shirt", "Dress"}
 
 # Which stage writes which figure, so a missing one says what to run.
 FIGURE_STAGES = {
@@ -54,7 +62,7 @@ def show_figure(layout: ArtifactLayout, name: str):
     return Markdown(f"*Figure `{name}` is missing: run stage `{FIGURE_STAGES.get(name, '?')}`.*")
 
 
-def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> str:
+def title_block(metrics: dict | None, training: dict | None) -> str:
     """The report's title and a one-paragraph answer: how good is the model, against the seed."""
     lines = ["# Fashion-MNIST with the seed's CNN: study report", ""]
     if metrics:
@@ -68,24 +76,73 @@ def title_block(metrics: dict | None, training: dict | None, manifest: dict) -> 
     if training:
         recipe = training["recipe"]
         lines.append(
-            f"The seed's architecture ({training['parameters']:,} parameters), Adam with learning rate "
-            f"{recipe['learning_rate']:g}, batch size {recipe['batch_size']} and dropout {recipe['dropout_rate']:g} "
-            f"({training['hyperparameter_source']}), trained for {training['epochs_run']} epochs, "
-            f"weights from epoch {training['best_epoch']}."
+            f"The seed's architecture ({training['parameters']:,} parameters), trained for "
+            f"{plural(training['epochs_run'], 'epoch')} (weights from epoch {training['best_epoch']}) with Adam at "
+            f"learning rate {recipe['learning_rate']:g}, batch size {recipe['batch_size']} and dropout "
+            f"{recipe['dropout_rate']:g}, the values of the {training['hyperparameter_source']}."
         )
+    return "\n".join(lines)
+
+
+def stored_training_seconds(summary: dict | None) -> tuple[float, int]:
+    """The training time of every stored experiment run (whichever run trained it), and how many runs."""
+    if not summary:
+        return 0.0, 0
+    rows = summary.get("recipes", [])
+    seconds = sum((row.get("train_seconds_mean") or 0.0) * row.get("seeds", 0) for row in rows)
+    return seconds, sum(row.get("seeds", 0) for row in rows)
+
+
+def banner_block(manifest: dict, experiments_summary: dict | None = None) -> str:
+    """What a reader needs before any figure: which run, profile, machine and time this report shows.
+
+    A run of any profile but the reference one, or one missing study stages, says so here, first.
+    """
     stages = manifest.get("stages", {})
-    study = [stage for stage in STAGES if stage in stages]
-    total = sum(
-        stages[stage].get("runner_wall_time_seconds") or stages[stage].get("wall_time_seconds", 0) for stage in study
-    )
+    profile = manifest.get("params_profile") or "?"
     git = manifest.get("git", {})
-    if total:
-        lines.append(
-            f"Study (stages {study[0]} to {study[-1]}): {total / 60:.1f} min of wall time on "
-            f"{describe_machine(manifest.get('machine') or {'cpu': manifest.get('processor', '?')})}; "
-            f"run `{manifest.get('run_id', '?')}`, params `{manifest.get('params_profile')}`, "
-            f"commit `{str(git.get('commit'))[:10]}`."
-        )
+    commit = str(git.get("commit") or "?")[:10] + (" (with uncommitted changes)" if git.get("dirty") else "")
+    machine = describe_machine(manifest.get("machine") or {"cpu": manifest.get("processor", "?")})
+    lines = []
+    if profile != REFERENCE_PROFILE:
+        lines += [
+            f"> **⚠ Not the reference study: this is a run of the `{profile}` profile.** Its parameters are not "
+            f"the reference's (a smoke profile only checks that the chain works), so its figures do not compare "
+            f"with the seed's or the reference run's; `fmnist run --params {REFERENCE_PROFILE}` makes that.",
+            ">",
+        ]
+    missing = [stage for stage in STAGES if stage not in stages]
+    if missing:
+        lines += [
+            f"> **⚠ Partial run: {', '.join(missing)} did not run.** Sections with nothing to show are left out; "
+            "run the missing stages to fill them.",
+            ">",
+        ]
+    study = [stage for stage in STAGES if stage in stages]
+    profile_note = " (the reference study)" if profile == REFERENCE_PROFILE else ""
+    lines += [
+        f"> **Run** `{manifest.get('run_id', '?')}` · **profile** `{profile}`{profile_note} · **commit** `{commit}`",
+        ">",
+        f"> **Machine:** {machine}",
+        ">",
+    ]
+    span = study[0] if len(study) == 1 else f"{study[0]} to {study[-1]}"
+    timing = (
+        f"> **Time:** the study ({span}) took **{duration(study_seconds(stages) or 0.0)}**"
+        if study
+        else "> **Time:** no study stage ran"
+    )
+    extra = [stage for stage in OPTIONAL_STAGES if stage in stages]
+    for stage in extra:
+        timing += f"; {stage} took {duration(stage_seconds(stages[stage]) or 0.0)} in this run"
+        if stage == "06_experiments":
+            stored, count = stored_training_seconds(experiments_summary)
+            if count:
+                timing += (
+                    f"; the {count} stored runs of its compared recipes took {duration(stored)} of training when "
+                    "they were made (a kept run is not retrained, and some ran on other machines)"
+                )
+    lines.append(timing + ".")
     return "\n".join(lines)
 
 
@@ -103,7 +160,7 @@ def training_block(training: dict | None) -> str:
         f"dropout **{recipe['dropout_rate']:g}**, from the {training['hyperparameter_source']}.\n"
         "- The seed contradicts itself: its tuning picks learning rate 1e-3 / batch 64 while its training section "
         "says 0.01 / batch 32. This study trains with the tuned values.\n"
-        f"- {training['epochs_run']} epochs run on {training['train_images']:,} images in "
+        f"- {plural(training['epochs_run'], 'epoch')} run on {training['train_images']:,} images in "
         f"{training['train_seconds']:.0f} s{resumed}; early stopping (validation loss) kept epoch "
         f"**{training['best_epoch']}** (validation accuracy {training['validation']['accuracy']:.4f}, "
         f"loss {training['validation']['loss']:.4f})." + compute_line(training)
@@ -134,6 +191,10 @@ def trials_table(layout: ArtifactLayout) -> pd.DataFrame:
     return trials.round(4)
 
 
+def _count_text(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value or "")
+
+
 def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
     if not best:
         return "*No tuning result: run stage `02_tune`; training then used the seed's selected values.*"
@@ -141,9 +202,10 @@ def tuning_block(layout: ArtifactLayout, best: dict | None) -> str:
     p = manifest.get("parameters", {})
     epochs = f"up to {p.get('tuning_epochs')}" if p.get("tuner") == "hyperband" else f"{p.get('tuning_epochs')}"
     budget = (
-        f"{p.get('tuner')} search, {manifest.get('trials', '?')} trials of {epochs} epoch(s) on "
-        f"{p.get('train_subset') or 'all'} training images, ranked by {p.get('objective', 'val_loss')} on the "
-        f"{p.get('validation_size')}-image validation split (never the test set)"
+        f"{p.get('tuner')} search, {manifest.get('trials', '?')} trials of {epochs} "
+        f"epoch{'s' if epochs != '1' else ''} on {_count_text(p.get('train_subset')) or 'all'} training images, "
+        f"ranked by {p.get('objective', 'val_loss')} "
+        f"on the {_count_text(p.get('validation_size'))}-image validation split (never the test set)"
     )
     return (
         f"Search space of the seed: learning rate {{1e-3, 1e-4, 1e-5}} × batch size {{32, 64, 128}} × "
@@ -189,14 +251,24 @@ def budget_block(comparison: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _range_text(values) -> str:
+    """'6,000' when all are equal, else '5,980–6,020'."""
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def data_block(summary: dict | None) -> str:
     if not summary:
         return "*No EDA summary: run stage `01_eda`.*"
     duplicates = summary["duplicates"]
     return (
         f"{summary['train_size']:,} training and {summary['test_size']:,} test images, 28×28 grey, ten classes "
-        f"with {min(summary['class_counts']['train'].values()):,}–{max(summary['class_counts']['train'].values()):,} "
-        f"training images each. Pixel mean {summary['pixel_mean']:.3f}, standard deviation "
+        f"with {_range_text(summary['class_counts']['train'].values())} training images each. "
+        f"Pixel mean {summary['pixel_mean']:.3f}, standard deviation "
         f"{summary['pixel_std']:.3f}. Exact duplicates: {duplicates['duplicate_groups']} groups, "
         f"{duplicates['groups_spanning_splits']} of them spanning train and test."
     )
@@ -448,6 +520,100 @@ def experiments_block(summary: dict | None) -> str:
     return "\n".join(lines)
 
 
+def study_seed(manifest: dict) -> str:
+    """'seed 42': the one seed the study's model (03_train) was trained with, for the figures that show it."""
+    seed = manifest.get("stages", {}).get("03_train", {}).get("parameters", {}).get("seed")
+    return f"seed {seed}" if seed is not None else "one seed"
+
+
+def per_class_reading(metrics: dict | None, manifest: dict | None = None) -> str:
+    """Which classes the model gets right and which it does not, in one paragraph."""
+    if not metrics:
+        return ""
+    per_class = metrics["per_class"]
+    ranked = sorted(per_class, key=lambda name: per_class[name]["f1"])
+    hardest, easiest = ranked[:3], ranked[-3:]
+    listing = ", ".join(f"{name} ({per_class[name]['f1']:.2f})" for name in hardest)
+    floor = math.floor(100 * min(per_class[name]["f1"] for name in easiest)) / 100  # Never rounded up.
+    return (
+        f"The study's model ({study_seed(manifest or {})}) on the {metrics['test_size']:,} test images: "
+        f"macro F1 {metrics['macro_f1']:.4f}. "
+        f"The hardest classes by F1 are {listing}"
+        + (
+            ": upper-body garments that differ in collars, sleeves and fastenings more than in outline, which "
+            "28×28 pixels barely show"
+            if set(hardest) <= UPPER_BODY
+            else ""
+        )
+        + f". {', '.join(easiest)} score at least {floor:.2f}."
+    )
+
+
+def confusion_reading(metrics: dict | None) -> str:
+    """The mistakes in numbers: how many, and which pairs make most of them."""
+    if not metrics or not metrics.get("most_confused_pairs"):
+        return ""
+    pairs = metrics["most_confused_pairs"]
+    errors = metrics["test_error_count"]
+    top = sum(pair["count"] for pair in pairs)
+    first = pairs[0]
+    return (
+        f"{errors:,} of the {metrics['test_size']:,} test images are misclassified. The {len(pairs)} most frequent "
+        f"confusions below make {100 * top / errors:.0f}% of them; the largest is {first['true']} taken for "
+        f"{first['predicted']} ({first['count']} images). Rows are true classes, columns predictions."
+    )
+
+
+def ablation_reading(summary: dict | None, manifest: dict) -> str:
+    """What the ablation shows, on which seeds, and how large seed noise is beside it."""
+    if not summary or not summary.get("ablation"):
+        return ""
+    rows = summary["ablation"]
+    base = rows[0]
+    parameters = manifest.get("stages", {}).get("06_experiments", {}).get("parameters", {})
+    seeds = parameters.get("ablation_seeds")
+    seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "shared seeds"
+    strong = next((row for row in summary.get("recipes", []) if row["recipe"] == base["model"]), None)
+    noise = (
+        f" Over its {strong['seeds']} seeds the full recipe's test accuracy varies by ±"
+        f"{100 * strong['test_accuracy_std']:.2f} points (one standard deviation), so smaller changes are noise."
+        if strong and strong["seeds"] > 1
+        else ""
+    )
+    worst = min(rows[1:], key=lambda row: row["accuracy_change"], default=None)
+    largest = (
+        f" The largest loss comes from {worst['change']} ({100 * worst['accuracy_change']:+.2f} points)."
+        if worst and worst["accuracy_change"] < 0
+        else ""
+    )
+    return (
+        f"Each row changes one ingredient of {base['model']} and trains it again on {seed_text} "
+        f"({plural(base['seeds'], 'run')} per row); the full recipe scores {base['test_accuracy']:.4f} there. "
+        "TTA is toggled on the trained models, at no training cost." + largest + noise
+    )
+
+
+def calibration_reading(summary: dict | None) -> str:
+    """Which models and seeds the reliability diagram shows, and what their ECE says."""
+    if not summary or not summary.get("calibration"):
+        return ""
+    rows = {row["recipe"]: row for row in summary.get("recipes", [])}
+    parts = []
+    for name, calibration in summary["calibration"].items():
+        row = rows.get(name, {})
+        mean = (
+            f"; {row['ece_mean']:.4f} as the mean over its {row['seeds']} seeds (the table's figure)"
+            if row.get("ece_mean") is not None and row.get("seeds", 0) > 1
+            else ""
+        )
+        parts.append(f"{name}: ECE {calibration['ece']:.4f} for seed {calibration['seed']}{mean}")
+    return (
+        "Expected calibration error (15 equal-width confidence bins, test set) is the gap between confidence and "
+        "accuracy, weighted by how many images fall in each bin: 0 is perfectly calibrated. The diagram shows "
+        f"one seed per model, as its legend says. {'. '.join(parts)}. A line under the diagonal is over-confident."
+    )
+
+
 def headline_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """Test accuracy and loss: the seed's claim, ours, and the difference."""
     frame = pd.DataFrame(metrics["seed_comparison"]).T.rename(columns={"seed": "seed document", "ours": "this study"})
@@ -517,7 +683,105 @@ def notebook_links(layout: ArtifactLayout) -> str:
     return "\n".join(lines) or "*No executed stage notebooks found.*"
 
 
-def _export(notebook_file: Path, target: Path, *, hide_code: bool) -> Path:
+def _has_content(cell) -> bool:
+    """Whether a cell shows something: markdown text, printed text, or a non-empty display.
+
+    A display's ``text/plain`` counts only when it is all there is: ``Markdown("")`` also carries
+    "<IPython.core.display.Markdown object>" as plain text, and shows nothing. Stderr (warnings,
+    progress) is not content.
+    """
+    if cell.cell_type == "markdown":
+        return bool(cell.source.strip())
+    for output in cell.get("outputs", []):
+        kind = output.get("output_type")
+        if kind == "stream":
+            if output.get("name") == "stdout" and "".join(output.get("text", "")).strip():
+                return True
+        elif kind in ("display_data", "execute_result"):
+            data = output.get("data", {})
+            rich = {key: value for key, value in data.items() if key != "text/plain"}
+            if rich:
+                texts = ("".join(value) if isinstance(value, list) else str(value) for value in rich.values())
+                if any(text.strip() for text in texts):
+                    return True
+            elif "".join(data.get("text/plain", "")).strip() not in ("", "None"):
+                return True
+        elif kind == "error":
+            return True
+    return False
+
+
+def _heading_level(cell) -> int:
+    """The level of a markdown cell that starts with a heading (0 for any other cell)."""
+    if cell.cell_type != "markdown":
+        return 0
+    match = re.match(r"(#{1,6})\s", cell.source.lstrip())
+    return len(match.group(1)) if match else 0
+
+
+def drop_empty_sections(notebook):
+    """Remove each heading whose section (up to the next heading of its level or higher) shows nothing.
+
+    A smoke or partial run then has no empty "Ablation" or "Calibration" headings. The heading cell's own
+    text after the heading line counts as nothing, since it only introduces what follows.
+    """
+    cells = notebook.cells
+    keep = []
+    for index, cell in enumerate(cells):
+        level = _heading_level(cell)
+        if not level:
+            keep.append(cell)
+            continue
+        shown = False
+        for following in cells[index + 1 :]:
+            following_level = _heading_level(following)
+            if following_level and following_level <= level:
+                break
+            if not following_level and _has_content(following):
+                shown = True
+                break
+        if shown:
+            keep.append(cell)
+    notebook.cells = keep
+    return notebook
+
+
+CONTENTS_STYLE = (
+    ".fmnist-contents{font-family:var(--jp-content-font-family);font-size:var(--jp-content-font-size1);"
+    "line-height:1.6;margin:0 0 1em 0;padding:0.5em 1.5em;border:1px solid var(--jp-border-color2);"
+    "border-radius:4px;max-width:40em}"
+    ".fmnist-contents .toc-title{font-size:1.2em;margin:0.3em 0}"
+    ".fmnist-contents ul{list-style:none;padding-left:0;margin:0}"
+    ".fmnist-contents .toc-h3{padding-left:1.5em}"
+    ".fmnist-contents a{color:var(--jp-content-link-color);text-decoration:none}"
+    ".fmnist-contents a:hover,.fmnist-contents a:focus{text-decoration:underline}"
+)
+
+
+def add_contents(page: str) -> str:
+    """Insert a table of contents, linking every h2 and h3 of the page by its id, before the first h2's cell."""
+    headings = [
+        (int(level), ident, re.sub(r"<[^>]+>|¶", "", text).strip())
+        for level, ident, text in re.findall(r'<h([23]) id="([^"]+)"[^>]*>(.*?)</h\1>', page, flags=re.S)
+    ]
+    if not headings:
+        return page
+    items = []
+    for level, ident, text in headings:
+        # The id is already HTML-escaped in the page (nbconvert writes "A &amp; B"): escape it once, not twice.
+        items.append(f'<li class="toc-h{level}"><a href="#{html.escape(html.unescape(ident))}">{text}</a></li>')
+    nav = (
+        f"<style>{CONTENTS_STYLE}</style>"
+        '<nav id="contents" aria-label="Contents" class="fmnist-contents"><h2 class="toc-title">Contents</h2>'
+        f"<ul>{''.join(items)}</ul></nav>"
+    )
+    first = page.index(f'<h{headings[0][0]} id="{headings[0][1]}"')
+    cell_start = page.rfind('<div class="jp-Cell ', 0, first)
+    at = cell_start if cell_start != -1 else first
+    return page[:at] + nav + page[at:]
+
+
+def _export(notebook_file: Path, target: Path, *, hide_code: bool, report: bool = False) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -529,8 +793,10 @@ def _export(notebook_file: Path, target: Path, *, hide_code: bool) -> Path:
         exclude_output_prompt=hide_code,
     )
     notebook = nbformat.read(notebook_file, as_version=4)
+    if report:
+        drop_empty_sections(notebook)
     body, _ = exporter.from_notebook_node(notebook)
-    return write_text(target, body)
+    return write_text(target, add_contents(body) if report else body)
 
 
 def render_report(layout: ArtifactLayout) -> Path:
@@ -542,4 +808,4 @@ def render_report(layout: ArtifactLayout) -> Path:
     executed_report = layout.executed_notebooks / f"{REPORT_NOTEBOOK}.ipynb"
     if not executed_report.is_file():
         raise FileNotFoundError(f"{executed_report}: the report notebook has not been executed.")
-    return _export(executed_report, layout.report, hide_code=True)
+    return _export(executed_report, layout.report, hide_code=True, report=True)

@@ -70,6 +70,32 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._started
 
 
+class TensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, kept light: each epoch's scalars only (no graph, histograms or profile).
+
+    Pass it to ``fit(callbacks=[...])``. It writes ``train/`` and ``validation/``
+    below ``log_dir``, one step per epoch. A fit that starts from scratch
+    replaces those two directories, so a retrained model never shows on top of
+    the curves of an earlier one; a fit resumed from its checkpoint (the
+    optimizer has taken steps) continues them. keras-tuner recognises the
+    callback by its class name and gives each trial its own
+    ``<trial>/execution0/`` with its hyperparameters (the HParams dashboard).
+    Not part of ``training_path()``: logging does not change what a training computes.
+    """
+
+    def __init__(self, log_dir: str | Path, **options: Any):
+        light = {"write_graph": False, "histogram_freq": 0, "profile_batch": 0, "update_freq": "epoch"}
+        super().__init__(log_dir=str(log_dir), **{**light, **options})
+
+    def on_train_begin(self, logs=None):
+        if int(self.model.optimizer.iterations) == 0:
+            # Only this callback's own directories: keras-tuner's hyperparameter summary, written beside
+            # them by a writer it opened before the fit, must stay.
+            for name in ("train", "validation"):
+                shutil.rmtree(Path(self.log_dir) / name, ignore_errors=True)
+        super().on_train_begin(logs)
+
+
 def steps_per_epoch(images: int, batch_size: int) -> int:
     """Batches in one pass over ``images`` training images (the last one may be smaller)."""
     return int(np.ceil(images / batch_size))

@@ -363,12 +363,15 @@ def search(
     workers: int = 0,
     host: str = "127.0.0.1",
     verbose: int = 2,
+    tensorboard_dir: Path | None = None,
 ) -> SearchResult:
     """Run (or resume) the request's search; return its trial table, best values and throughput.
 
     ``directory`` holds keras-tuner's state (one sub-directory per request).
     ``workers`` > 0 serves the oracle on ``host`` and starts that many
     ``fmnist tune-worker`` processes, each with its share of the CPU cores.
+    With ``tensorboard_dir`` every trial logs its epochs and hyperparameters to
+    ``<tensorboard_dir>/<trial>/execution0/`` (local workers too).
     """
     if workers < 0:
         raise ValueError(f"workers={workers}: give 0 (in-process) or a positive number of worker processes.")
@@ -377,6 +380,8 @@ def search(
     tuner_id = "chief" if workers else IN_PROCESS_ID
     _adopt_tuner_state(project, tuner_id)
     resumed = (project / "oracle.json").is_file()
+    if tensorboard_dir is not None:
+        _prepare_tensorboard_dir(Path(tensorboard_dir), project, resumed)
     hypermodel = RecipeHyperModel(request, len(y_train), verbose=verbose)
     port = _free_port(host) if workers else None
     environment = {"KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": str(port)}
@@ -392,7 +397,7 @@ def search(
         clock = _TrialClock(tuner.oracle, request, done_before)
         started = time.perf_counter()
         if workers:
-            _run_chief(tuner, project, host, port, workers)
+            _run_chief(tuner, project, host, port, workers, tensorboard_dir)
         else:
             budget = (
                 f"brackets of up to {request.base_recipe().epochs} epochs"
@@ -404,7 +409,7 @@ def search(
                 f"{budget} on {len(y_train):,} images, in this process"
             )
             with contextlib.redirect_stdout(sys.stderr):
-                tuner.search(x_train, y_train, validation_data=(x_val, y_val))
+                tuner.search(x_train, y_train, validation_data=(x_val, y_val), callbacks=_callbacks(tensorboard_dir))
         seconds = time.perf_counter() - started
     completed = _completed(tuner)
     trials = trial_table(completed, request, clock)
@@ -427,6 +432,36 @@ def search(
         "directory": str(project),
     }
     return SearchResult(trials=trials, best=best_values(trials, request), stats=stats)
+
+
+def _callbacks(tensorboard_dir: Path | None) -> list:
+    """What every trial's fit gets besides the tuner's own: a TensorBoard log, when asked for.
+
+    keras-tuner copies the callback for each trial and points it at ``<dir>/<trial>/execution0/``,
+    adding its HParams callback there (``Tuner._configure_tensorboard_dir``).
+    """
+    return [] if tensorboard_dir is None else [training.TensorBoard(tensorboard_dir)]
+
+
+def _prepare_tensorboard_dir(tensorboard_dir: Path, project: Path, resumed: bool) -> None:
+    """Keep only the logs of the trials this search keeps.
+
+    A fresh search (no state, or another request's) starts with an empty log directory, since its
+    trial ids restart at 0000; a resumed one drops the logs of the trials it will run again (those
+    in flight when it stopped), which would otherwise hold a second hyperparameter summary.
+    """
+    if not resumed:
+        shutil.rmtree(tensorboard_dir, ignore_errors=True)
+        return
+    finished = {
+        path.parent.name.removeprefix("trial_")
+        for path in project.glob("trial_*/trial.json")
+        if '"status": "COMPLETED"' in path.read_text()
+    }
+    if tensorboard_dir.is_dir():
+        for trial in tensorboard_dir.iterdir():
+            if trial.is_dir() and trial.name not in finished:
+                shutil.rmtree(trial, ignore_errors=True)
 
 
 def _describe_space(space: dict[str, list]) -> str:
@@ -535,14 +570,20 @@ def _die_with_chief() -> None:
 MAX_WORKER_RESTARTS = 3
 
 
-def _run_chief(tuner, project: Path, host: str, port: int, workers: int) -> None:
-    """Serve the oracle until every trial is done, keeping ``workers`` local worker processes alive."""
+def _run_chief(tuner, project: Path, host: str, port: int, workers: int, tensorboard_dir: Path | None = None) -> None:
+    """Serve the oracle until every trial is done, keeping ``workers`` local worker processes alive.
+
+    The trials run in the workers, so they write the TensorBoard logs: local workers into
+    ``tensorboard_dir``; a worker on another machine where its own ``--tensorboard`` says
+    (the same directory on a shared disk, or its own).
+    """
     threads = threads_per_worker(workers)
     logs = project / "workers"
     logs.mkdir(parents=True, exist_ok=True)
+    joining = f" --tensorboard {tensorboard_dir}" if tensorboard_dir is not None else ""
     _say(
         f"chief: oracle on {host}:{port}, {workers} local workers with {threads} thread(s) each "
-        f"(logs in {logs}); more machines join with `fmnist tune-worker --oracle HOST:{port}`"
+        f"(logs in {logs}); more machines join with `fmnist tune-worker --oracle HOST:{port}{joining}`"
     )
     failure: list[BaseException] = []
 
@@ -572,6 +613,7 @@ def _run_chief(tuner, project: Path, host: str, port: int, workers: int) -> None
             str(threads),
             "--directory",
             str(project.parent),
+            *(["--tensorboard", str(tensorboard_dir)] if tensorboard_dir is not None else []),
         ]
         log = (logs / f"{worker_id}.log").open("a")
         env = {**os.environ, **worker_environment(threads)}
@@ -611,11 +653,19 @@ def _run_chief(tuner, project: Path, host: str, port: int, workers: int) -> None
         raise failure[0]
 
 
-def run_worker(oracle: str, worker_id: str, directory: Path, data_dir: str | None = None, verbose: int = 2) -> int:
+def run_worker(
+    oracle: str,
+    worker_id: str,
+    directory: Path,
+    data_dir: str | None = None,
+    verbose: int = 2,
+    tensorboard_dir: Path | None = None,
+) -> int:
     """A keras-tuner worker: ask the chief at ``oracle`` (HOST:PORT) for trials until the search is done.
 
     The request arrives with the search space; the worker checks that its code
-    and data are the chief's before training anything.
+    and data are the chief's before training anything. With ``tensorboard_dir``
+    each trial it trains logs there, in the trial's own sub-directory.
     """
     from fmnist import data
 
@@ -645,6 +695,6 @@ def run_worker(oracle: str, worker_id: str, directory: Path, data_dir: str | Non
         hypermodel = RecipeHyperModel(request, len(y_train), verbose=verbose)
         tuner = make_tuner(request, hypermodel, project)
         _say(f"{worker_id}: {request.tuner} search, {len(y_train):,} training images; waiting for trials")
-        tuner.search(x_train, y_train, validation_data=(x_val, y_val))
+        tuner.search(x_train, y_train, validation_data=(x_val, y_val), callbacks=_callbacks(tensorboard_dir))
     _say(f"{worker_id}: the chief has no trials left; done")
     return 0
