@@ -197,6 +197,9 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     assert serving["idle"]["p50_ms"] > 0 and serving["closed_loop"]["errors"] == 0
     assert serving["hostile"]["server_errors"] == 0 and sum(map(len, serving["hostile"]["statuses"].values())) > 0
     assert serving["slow"]["healthz"]["runs"] > 0 and serving["log_tracebacks"] == 0
+    # The figures name the machine and the versions that made them.
+    assert bench["machine"]["cpu"] and bench["machine"]["cores"] >= 1 and "features" in bench["machine"]
+    assert all(bench["packages"][name] for name in ("tensorflow", "keras", "keras-tuner", "ai-edge-litert", "numpy"))
     floor = bench["floor"]
     assert floor["multiply_adds"] == 2_906_752  # The seed CNN, counted layer by layer.
     # No engine beats the arithmetic floor; if one did, the floor (or the timing) would be wrong.

@@ -44,6 +44,14 @@ def test_a_smoke_or_partial_run_says_so_first():
     assert "Partial run: 02_tune, 04_evaluate, 05_deploy did not run" in banner
 
 
+def test_a_report_of_nothing_yet_still_has_a_banner():
+    # An interactive report before any stage ran: no manifest at all.
+    banner = report.banner_block({})
+    assert "Partial run: 01_eda, 02_tune, 03_train, 04_evaluate, 05_deploy did not run" in banner
+    assert "no study stage ran" in banner and "run by hand" in banner.splitlines()[0]
+    assert "took **" in report.banner_block(manifest("params", ("03_train",)))
+
+
 def _markdown(text: str):
     return new_markdown_cell(text)
 

@@ -226,6 +226,11 @@ def run_benchmark(
         "threads": 1,
         "cpu_count": os.cpu_count(),
     }
+    # Figures mean little without the machine and the versions that made them.
+    from fmnist.manifest import machine, package_versions
+
+    results["machine"] = machine()
+    results["packages"] = package_versions()
     if out:
         write_json(out, results)
     return results

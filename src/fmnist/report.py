@@ -104,7 +104,13 @@ def banner_block(manifest: dict, experiments_summary: dict | None = None) -> str
     commit = str(git.get("commit") or "?")[:10] + (" (with uncommitted changes)" if git.get("dirty") else "")
     machine = describe_machine(manifest.get("machine") or {"cpu": manifest.get("processor", "?")})
     lines = []
-    if profile != REFERENCE_PROFILE:
+    if not manifest.get("params_profile"):
+        lines += [
+            "> **⚠ Not the reference study: these notebooks were run by hand** (their defaults are cheap, and no "
+            "`fmnist run` manifest records a profile); `fmnist run --params params` makes the reference.",
+            ">",
+        ]
+    elif profile != REFERENCE_PROFILE:
         lines += [
             f"> **⚠ Not the reference study: this is a run of the `{profile}` profile.** Its parameters are not "
             f"the reference's (a smoke profile only checks that the chain works), so its figures do not compare "
@@ -126,12 +132,11 @@ def banner_block(manifest: dict, experiments_summary: dict | None = None) -> str
         f"> **Machine:** {machine}",
         ">",
     ]
-    span = study[0] if len(study) == 1 else f"{study[0]} to {study[-1]}"
-    timing = (
-        f"> **Time:** the study ({span}) took **{duration(study_seconds(stages) or 0.0)}**"
-        if study
-        else "> **Time:** no study stage ran"
-    )
+    if study:
+        span = study[0] if len(study) == 1 else f"{study[0]} to {study[-1]}"
+        timing = f"> **Time:** the study ({span}) took **{duration(study_seconds(stages) or 0.0)}**"
+    else:
+        timing = "> **Time:** no study stage ran"
     extra = [stage for stage in OPTIONAL_STAGES if stage in stages]
     for stage in extra:
         timing += f"; {stage} took {duration(stage_seconds(stages[stage]) or 0.0)} in this run"
