@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 # What TensorFlow, LiteRT and the converter write on their own: none of it belongs on a reader's screen.
 LIBRARY_NOISE = re.compile(
     r"absl::InitializeLog|^[IWE]\d{4} |cuInit|NodeDef mentions|Created TensorFlow Lite|Assets written to|"
-    r"UserWarning|fully_quantize|Input Notebook|Kernel is running over TCP|Captures:",
+    r"UserWarning|fully_quantize|Input Notebook|Kernel is running over TCP|Captures:|Reloading Tuner",
     re.MULTILINE,
 )
 

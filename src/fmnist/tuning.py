@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -386,7 +387,8 @@ def search(
     port = _free_port(host) if workers else None
     environment = {"KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": str(port)}
     with _environment(environment if workers else {}):
-        with contextlib.redirect_stdout(sys.stderr):
+        # keras-tuner print()s "Reloading Tuner from ..." when it resumes; the "[tune] ... resuming" line says it.
+        with contextlib.redirect_stdout(io.StringIO()):
             tuner = make_tuner(request, hypermodel, project)
         tuner.oracle.verbose = 0  # One progress line per trial (below) instead of keras-tuner's tables.
         done_before = len(_completed(tuner))
