@@ -6,6 +6,7 @@ the test reads the metrics the notebooks themselves wrote.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -250,8 +251,30 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 600.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting to kill the run")
         time.sleep(0.02)
+    # The kernels run in sessions of their own (jupyter_client starts them so): kill every descendant
+    # first, or a kernel would go on training for the second its parent-poller takes to notice.
+    for pid in _descendants(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _descendants(root: int) -> list[int]:
+    """The process ids below ``root`` (children, their children, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def _finished_trials(work: Path) -> int:
