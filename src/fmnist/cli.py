@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find every published run (a directory with the runner's manifest.json) below the roots and "
         "print one row each, newest first: run id, params profile, git commit (-dirty: uncommitted changes), "
         "machine (CPU model, cores, widest vector unit), test accuracy and loss (metrics.json), and study time "
-        "(every stage's wall time added up, stages kept from earlier runs included). Unknown fields show as -. "
+        "(01_eda to 05_deploy added up, stages kept from earlier runs included). Unknown fields show as -. "
         "Example: fmnist runs --root reports --root build --csv build/runs.csv",
     )
     index.add_argument(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fmnist.io import atomic_path
-from fmnist.runtime import native_output_to_log, quiet_tensorflow
+from fmnist.runtime import quiet_native_output, quiet_tensorflow
 
 quiet_tensorflow()
 
@@ -63,7 +63,7 @@ def _converter(model) -> tf.lite.TFLiteConverter:
 
 
 def to_float32(model) -> bytes:
-    with native_output_to_log():  # The converter prints its settings on fd 2.
+    with quiet_native_output():  # The converter prints its settings on fd 2.
         return _converter(model).convert()
 
 
@@ -82,7 +82,7 @@ def to_int8(model, representative_images: np.ndarray) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    with native_output_to_log():
+    with quiet_native_output():
         return converter.convert()
 
 
@@ -90,7 +90,7 @@ def operators(model_bytes: bytes) -> set[str]:
     """The operator names a LiteRT model uses (to prove it has no Flex ops)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    with native_output_to_log():
+    with quiet_native_output():
         interpreter = Interpreter(model_content=model_bytes)
     return {op["op_name"] for op in interpreter._get_ops_details()}  # noqa: SLF001 - the only public-ish listing.
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from fmnist.config import CLASS_NAMES, IMAGE_SIZE, PACKAGE_DIR
 from fmnist.preprocess import prepare_image
-from fmnist.runtime import native_output_to_log
+from fmnist.runtime import quiet_native_output
 
 DEFAULT_MODEL = PACKAGE_DIR / "assets" / "fmnist_int8.tflite"
 # The signature output name of a model that outputs logits (fmnist.export.LOGITS); any other output is
@@ -92,7 +92,7 @@ class Classifier:
                 "(the study's 05_deploy stage writes them to OUT/deploy/)."
             )
         try:
-            with native_output_to_log():  # LiteRT announces its XNNPACK delegate on fd 2.
+            with quiet_native_output():  # LiteRT announces its XNNPACK delegate on fd 2.
                 self.interpreter = _interpreter_class()(model_path=str(self.model_path), num_threads=num_threads)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:

@@ -10,7 +10,6 @@ same command resumes there.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from fmnist import runs
 from fmnist.config import ALL_STAGES, NOTEBOOKS_DIR, OPTIONAL_STAGES, REPORT_NOTEBOOK, STAGES, ArtifactLayout
@@ -117,18 +117,6 @@ class StageLog:
         self.file.close()
 
 
-@contextlib.contextmanager
-def _restored(name: str, value: str | None):
-    """Put environment variable ``name`` back to ``value`` (None: unset) when the block ends."""
-    try:
-        yield
-    finally:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout, *, echo: str = "progress") -> float:
     """Execute one notebook into ``layout.executed_notebooks``; return its wall time in seconds.
 
@@ -145,10 +133,9 @@ def execute_stage(stage: str, parameters: dict[str, Any], layout: ArtifactLayout
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The kernel does not forward what native libraries write to its file descriptor 2 (TensorFlow's C++ logs,
     # LiteRT's notices) into the notebook: it inherits ours, which is the stage's log (the terminal with --verbose).
-    native_output = os.environ.get(NATIVE_OUTPUT_ENV)
-    os.environ[NATIVE_OUTPUT_ENV] = "show"
     started = time.perf_counter()
-    with StageLog(layout.root / "logs" / f"{stage}.log", echo) as log, _restored(NATIVE_OUTPUT_ENV, native_output):
+    native_output = mock.patch.dict(os.environ, {NATIVE_OUTPUT_ENV: "show"})  # Restored when the stage ends.
+    with StageLog(layout.root / "logs" / f"{stage}.log", echo) as log, native_output:
         try:
             papermill.execute_notebook(
                 str(notebook_path(stage)),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-# Set to "show" to leave native libraries' direct writes to file descriptor 2 alone (see ``native_output_to_log``).
+# Set to "show" to leave native libraries' direct writes to file descriptor 2 alone (see ``quiet_native_output``).
 # ``fmnist run`` sets it: its kernels do not forward that descriptor to the notebook, and it points at the stage's log.
 NATIVE_OUTPUT_ENV = "FMNIST_NATIVE_OUTPUT"
 # Python warnings from libraries that say nothing a reader of this study can act on.
@@ -28,7 +28,7 @@ _NATIVE_OUTPUT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def native_output_to_log() -> Iterator[None]:
+def quiet_native_output() -> Iterator[None]:
     """Keep what native code writes straight to file descriptor 2 out of notebooks and terminals.
 
     TensorFlow's C++ start-up messages are written before absl's logging is initialised, so
@@ -65,7 +65,7 @@ def native_output_to_log() -> Iterator[None]:
 
 
 def quiet_tensorflow() -> None:
-    """Import TensorFlow without its start-up chatter (see ``native_output_to_log``); call it before importing it.
+    """Import TensorFlow without its start-up chatter (see ``quiet_native_output``); call it before importing it.
 
     The CUDA probe, which logs its failure on a machine without a GPU at first use, runs here too.
     """
@@ -74,7 +74,7 @@ def quiet_tensorflow() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     if "tensorflow" in sys.modules:
         return
-    with native_output_to_log():
+    with quiet_native_output():
         import tensorflow as tf
 
         tf.config.list_physical_devices()
