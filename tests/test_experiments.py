@@ -239,6 +239,50 @@ def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypa
     assert trained == [("a", 1)] and "recipe changed" in messages[-3]
 
 
+def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is_on_disk(tmp_path):
+    from fmnist import export
+
+    recipe = Recipe.from_params("tiny", {"architecture": "bn_cnn", "width": 4, "stages": [1, 1, 1]})
+    stored = _fake_run("tiny", 1, 0.9, 0.3, architecture="bn_cnn", width=4, stages=[1, 1, 1])
+    stored["litert_files"] = {"float32": "tiny_float32.tflite", "int8": "tiny_int8.tflite"}
+    stored["litert_sha256"] = {"float32": "old", "int8": "old"}  # Made by full-integer int8, before the scheme.
+    path = experiments.run_path(tmp_path / "runs", recipe, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(stored))
+    models = tmp_path / "models"
+    messages = []
+    images = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(40) % 10
+
+    def rerun():
+        runs = tmp_path / "runs"
+        return experiments.run_all(
+            [(recipe, 1)], runs_dir=runs, models_dir=models, progress=messages.append, x_test=images, y_test=labels
+        )
+
+    kept, _ = rerun()
+    # A fresh clone has no models: the run is kept as it is, and the log says why it was not re-exported.
+    assert kept == [stored] and "not on disk" in messages[-1] and not models.exists()
+    models.mkdir()
+    build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(experiments.model_path(models, "tiny", 1))
+    kept, _ = rerun()
+    assert "re-exported" in messages[-1]
+    rewritten = json.loads(path.read_text())
+    assert rewritten["litert_export"] == export.EXPORT_SCHEME and kept == [rewritten]
+    assert rewritten["litert_sha256"]["int8"] == experiments.file_digest(models / "tiny_int8.tflite")
+    assert rewritten["test"] == stored["test"]  # The training's results are untouched.
+    # Each file is measured as served: the float32 export gives the Keras model's probabilities back.
+    served = rewritten["litert_served"]
+    assert (
+        served["float32"]["probability_difference"]["p99"] < 1e-5
+        and served["int8"]["probability_difference"]["images"] == 40
+    )
+    assert 0 <= served["int8"]["test_accuracy"] <= 1
+    before = (models / "tiny_int8.tflite").stat().st_mtime_ns
+    rerun()
+    assert "kept" in messages[-1] and (models / "tiny_int8.tflite").stat().st_mtime_ns == before  # Current now.
+
+
 def test_a_recipe_search_only_tunes_training_fields():
     from fmnist import tuning
 

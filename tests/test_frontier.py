@@ -203,6 +203,7 @@ def test_the_shipping_rule_takes_the_best_validation_accuracy_within_the_budgets
         _candidate("weak", "bn_cnn", 0.90, files["weak"]),
         _candidate("gone", "bn_cnn", 0.99, None),  # Not on disk: it cannot ship.
     ]
+    candidates[1]["probability_p99"] = 0.02  # Shown beside the choice, not used in it.
     latency = {
         "seed_int8.tflite": {"p50_ms": 0.10, "size_bytes": 220_000},
         "student_int8.tflite": {"p50_ms": 0.14, "size_bytes": 80_000},
@@ -218,6 +219,7 @@ def test_the_shipping_rule_takes_the_best_validation_accuracy_within_the_budgets
     assert rows["big"]["reason"] == "over budget: 293 KB"
     assert not rows["gone"]["eligible"] and rows["gone"]["reason"] == "no int8 file on disk from its runs"
     assert rows["student"]["latency_ratio"] == pytest.approx(1.4)
+    assert rows["student"]["probability_p99"] == 0.02 and rows["seed"]["probability_p99"] is None
     # With a looser budget the slower, better model ships; the size limit still holds.
     assert deploy.choose_shipped(candidates, latency, "seed", ratio=2.0)["shipped"] == "slow"
     with pytest.raises(ValueError, match="reference model 'gone' is not among the candidates on disk"):
@@ -348,14 +350,20 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
             if seed == 42:
                 run["litert_files"] = {"int8": f"{name}_int8.tflite"}
                 run["litert_sha256"] = {"int8": exported_digest}  # "swapped"'s file on disk is not this one.
+                run["litert_served"] = {"int8": {"probability_difference": {"p99": 0.02}}}
             path = experiments_dir / "runs" / name / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(run))
     read = []
     study = {"recipe": {"architecture": "seed"}, "validation": {"accuracy": 0.92}}
-    candidates = deploy.shipping_candidates(tmp_path / "model_int8.tflite", study, experiments_dir, read.append)
+    candidates = deploy.shipping_candidates(
+        tmp_path / "model_int8.tflite", study, experiments_dir, read.append, study_agreement={"p99": 0.015}
+    )
     by_name = {candidate["name"]: candidate for candidate in candidates}
     assert by_name["study (03_train)"]["validation_accuracy"] == 0.92
+    # How faithfully each file serves its Keras model: the study's from 05's check, a recipe's from its run.
+    assert by_name["study (03_train)"]["probability_p99"] == 0.015 and by_name["good"]["probability_p99"] == 0.02
+    assert by_name["swapped"]["probability_p99"] is None
     assert by_name["good"]["validation_accuracy"] == pytest.approx(0.94)  # The mean over seeds, without TTA.
     assert by_name["good"]["file"] == experiments_dir / "models" / "good_int8.tflite" and by_name["good"]["seed"] == 42
     assert by_name["swapped"]["file"] is None  # On disk, but not the file its run exported.

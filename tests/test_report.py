@@ -150,3 +150,34 @@ def test_the_contents_of_a_real_nbconvert_page_resolve_with_ampersands_and_quote
     # The box comes before the first section's cell, not inside it.
     first_cell = rendered.rfind('<div class="jp-Cell ', 0, rendered.index('<h2 id="'))
     assert rendered.index('<nav id="contents"') < first_cell
+
+
+def test_the_shipping_block_says_how_faithfully_the_shipped_file_serves_its_model():
+    candidate = {
+        "name": "student",
+        "architecture": "bn_cnn",
+        "validation_accuracy": 0.94,
+        "p50_ms": 0.02,
+        "latency_ratio": 1.3,
+        "size_bytes": 110 * 1024,
+        "reason": "within budget",
+        "probability_p99": 0.0213,
+    }
+    reference = {**candidate, "name": "seed", "architecture": "seed", "latency_ratio": 1.0, "probability_p99": None}
+    shipping = {
+        "rule": "the rule",
+        "reference": "seed",
+        "reference_p50_ms": 0.015,
+        "budget_ms": 0.0225,
+        "candidates": [reference, candidate],
+        "shipped": "student",
+        "shipped_test_accuracy": 0.935,
+    }
+    block = report.shipping_block(shipping)
+    assert "**Ships: student**" in block and "within 0.021 of its Keras model's for 99% of the test images" in block
+    assert report.shipping_table(shipping)["probability p99"].tolist()[1] == 0.021
+    # A shipping record from before the figure existed reads as before, with an empty column.
+    for row in shipping["candidates"]:
+        del row["probability_p99"]
+    assert "99%" not in report.shipping_block(shipping)
+    assert report.shipping_table(shipping)["probability p99"].isna().all()

@@ -29,27 +29,30 @@ def litert_accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray, ba
     return float((predictions == labels).mean())
 
 
-def probability_agreement(
-    model_path: Path, images: np.ndarray, reference_probabilities: np.ndarray, batch: int = 500
-) -> dict[str, float | int]:
-    """How far an export's served probabilities are from the reference model's (the Keras model's).
-
-    For each image, the largest absolute difference over the classes; returns the median, the 99th
-    percentile and the maximum of it over ``images``, and the number of images.
-    """
-    reference = np.asarray(reference_probabilities, dtype=np.float32)
-    if reference.shape != (len(images), NUM_CLASSES):
+def probability_difference(served: np.ndarray, reference: np.ndarray) -> dict[str, float | int]:
+    """For each image, the largest absolute difference over the classes between two sets of probabilities;
+    its median, 99th percentile and maximum, and the number of images."""
+    served, reference = np.asarray(served, dtype=np.float32), np.asarray(reference, dtype=np.float32)
+    if reference.shape != served.shape or reference.ndim != 2 or reference.shape[1] != NUM_CLASSES:
         raise ValueError(
-            f"reference_probabilities has shape {reference.shape}; expected ({len(images)}, {NUM_CLASSES}), "
+            f"reference probabilities have shape {reference.shape}; expected {served.shape}, "
             "one row of class probabilities per image."
         )
-    largest = np.abs(litert_probabilities(model_path, images, batch) - reference).max(axis=1)
+    largest = np.abs(served - reference).max(axis=1)
     return {
         "p50": float(np.percentile(largest, 50)),
         "p99": float(np.percentile(largest, 99)),
         "max": float(largest.max()),
-        "images": len(images),
+        "images": len(largest),
     }
+
+
+def probability_agreement(
+    model_path: Path, images: np.ndarray, reference_probabilities: np.ndarray, batch: int = 500
+) -> dict[str, float | int]:
+    """How far an export's served probabilities are from the reference model's (the Keras model's): see
+    :func:`probability_difference`."""
+    return probability_difference(litert_probabilities(model_path, images, batch), reference_probabilities)
 
 
 def compare_accuracy(keras_accuracy: float, exported: dict[str, float]) -> list[dict[str, object]]:
@@ -118,7 +121,11 @@ SHIP_MAX_BYTES = 256 * 1024
 
 
 def shipping_candidates(
-    study_model: Path, study_training: dict, experiments_dir: Path | None, external_input=lambda path: Path(path)
+    study_model: Path,
+    study_training: dict,
+    experiments_dir: Path | None,
+    external_input=lambda path: Path(path),
+    study_agreement: dict | None = None,
 ) -> list[dict]:
     """The int8 models that may ship: the study's own, and each experiment recipe's exported model.
 
@@ -127,6 +134,10 @@ def shipping_candidates(
     whose validation split chose the recipe, which would flatter it. A recipe whose int8 file is not on
     disk, or is not the file its run exported (another run's, by its SHA-256), has ``file`` None and
     cannot ship. ``external_input`` records every file read from outside the run.
+
+    ``probability_p99`` says how faithfully each int8 file serves its Keras model's probabilities (the 99th
+    percentile over the test images of the largest per-class difference): ``study_agreement``'s for the
+    study's model, the exporting run's record for a recipe's. It is shown beside the choice, not used in it.
     """
     from fmnist.io import read_json
     from fmnist.runs import file_digest
@@ -138,6 +149,7 @@ def shipping_candidates(
             "architecture": study_training["recipe"]["architecture"],
             "validation_accuracy": study_training["validation"]["accuracy"],
             "seed": None,
+            "probability_p99": (study_agreement or {}).get("p99"),
         }
     ]
     summary_path = Path(experiments_dir or "") / "summary.json"
@@ -165,9 +177,16 @@ def shipping_candidates(
                 "architecture": row["architecture"],
                 "validation_accuracy": float(np.mean(accuracies)),
                 "seed": matching[0]["seed"] if matching else None,
+                "probability_p99": _served_p99(matching[0]) if matching else None,
             }
         )
     return candidates
+
+
+def _served_p99(run: dict) -> float | None:
+    """The exporting run's record of how far its int8 file's probabilities are from its Keras model's."""
+    served = (run.get("litert_served") or {}).get("int8") or {}
+    return (served.get("probability_difference") or {}).get("p99")
 
 
 def choose_shipped(
@@ -192,6 +211,7 @@ def choose_shipped(
     rows = []
     for candidate in candidates:
         row = {key: candidate[key] for key in ("name", "architecture", "validation_accuracy", "seed")}
+        row["probability_p99"] = candidate.get("probability_p99")
         figures = latency.get(Path(candidate["file"]).name) if candidate["file"] is not None else None
         if figures is None:
             row.update(
@@ -272,16 +292,22 @@ def ship_best(
     *,
     latency_runs: int,
     external_input=lambda path: Path(path),
+    study_agreement: dict | None = None,
 ) -> dict:
     """05_deploy's shipping step: gather the candidates, time them in one process, apply the rule, copy the
     chosen int8 file to ``layout.shipped_model`` atomically, then measure its test accuracy once.
 
-    ``external_input`` records each file read from outside the run (``StageRun.external_input``).
+    ``external_input`` records each file read from outside the run (``StageRun.external_input``);
+    ``study_agreement`` is the study's int8 export's :func:`probability_agreement`.
     """
     from fmnist.io import atomic_path, read_json, write_json
 
     candidates = shipping_candidates(
-        layout.litert_model("int8"), read_json(layout.training_summary), experiments_dir, external_input
+        layout.litert_model("int8"),
+        read_json(layout.training_summary),
+        experiments_dir,
+        external_input,
+        study_agreement,
     )
     on_disk = [candidate["file"] for candidate in candidates if candidate["file"] is not None]
     for path in on_disk[1:]:

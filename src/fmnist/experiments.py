@@ -104,7 +104,6 @@ def run_one(
     runs_dir: Path,
     models_dir: Path,
     export: bool = False,
-    representative_images: int = 500,
     checkpoint_dir: Path | None = None,
     tensorboard_dir: Path | None = None,
     verbose: int = 2,
@@ -174,11 +173,7 @@ def run_one(
         "test_with_tta": scores(y_test, mirrored),
     }
     if export:
-        result["litert_files"] = export_litert(fitted.model, x_train[:representative_images], models_dir, recipe.name)
-        # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
-        result["litert_sha256"] = {
-            kind: file_digest(Path(models_dir) / name) for kind, name in result["litert_files"].items()
-        }
+        result.update(export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain))
     with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
         fitted.model.save(temporary)
     write_json(run_path(runs_dir, recipe, seed), result)
@@ -187,15 +182,67 @@ def run_one(
     return result
 
 
-def export_litert(model: keras.Model, representative: np.ndarray, models_dir: Path, name: str) -> dict[str, str]:
-    """float32 and int8 LiteRT files of a trained model, for the latency and size columns."""
-    from fmnist import export
+def export_litert(
+    model: keras.Model,
+    models_dir: Path,
+    name: str,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    keras_probabilities: np.ndarray,
+) -> dict[str, Any]:
+    """float32 and int8 LiteRT files of a trained model (for the latency and size columns, and the shipping
+    rule), with what a run records of them: the files, their SHA-256, the export scheme, and each file's
+    test accuracy and distance from the Keras model's probabilities (``keras_probabilities``, no TTA) as served.
+    """
+    from fmnist import deploy, export
 
     files = {
         "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
-        "int8": export.write_model(export.to_int8(model, representative), Path(models_dir) / f"{name}_int8.tflite"),
+        "int8": export.write_model(export.to_int8(model), Path(models_dir) / f"{name}_int8.tflite"),
     }
-    return {kind: path.name for kind, path in files.items()}
+    served = {}
+    for kind, path in files.items():
+        probabilities = deploy.litert_probabilities(path, x_test)
+        served[kind] = {
+            "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y_test)),
+            "probability_difference": deploy.probability_difference(probabilities, keras_probabilities),
+        }
+    return {
+        "litert_files": {kind: path.name for kind, path in files.items()},
+        # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
+        "litert_sha256": {kind: file_digest(path) for kind, path in files.items()},
+        "litert_export": export.EXPORT_SCHEME,
+        "litert_served": served,
+    }
+
+
+def refresh_export(
+    result: dict[str, Any],
+    recipe: Recipe,
+    runs_dir: Path,
+    models_dir: Path,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
+) -> str | None:
+    """Re-export a kept run whose LiteRT files came from an older export scheme, when its model is on disk.
+
+    The training stays as it was; only the files, their digests and the scheme are rewritten. Returns why
+    nothing was done, or None when the files were written.
+    """
+    from fmnist import export
+
+    if not result.get("litert_files") or result.get("litert_export") == export.EXPORT_SCHEME:
+        return "current"
+    model_file = model_path(models_dir, recipe.name, result["seed"])
+    if not model_file.is_file():
+        return f"its model {model_file.name} is not on disk (models are not committed)"
+    if x_test is None or y_test is None:
+        return "no test images were given to measure the new files on"
+    model = keras.models.load_model(model_file)
+    plain, _ = predict(model, x_test)
+    result.update(export_litert(model, models_dir, recipe.name, x_test, y_test, plain))
+    write_json(run_path(runs_dir, recipe, result["seed"]), result)
+    return None
 
 
 def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
@@ -239,6 +286,18 @@ def run_all(
             )
             if _stored_recipe(result["recipe"]) == recipe and not stale_teacher:
                 progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
+                why_not = refresh_export(
+                    result,
+                    recipe,
+                    runs_dir,
+                    models_dir,
+                    data_and_settings.get("x_test"),
+                    data_and_settings.get("y_test"),
+                )
+                if why_not is None:
+                    progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: re-exported (new export scheme)")
+                elif why_not != "current":
+                    progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: old export scheme kept: {why_not}")
                 results.append(result)
                 continue
             reason = "its teacher was retrained" if stale_teacher else "the recipe changed"

@@ -1,8 +1,9 @@
-"""Export the trained Keras model to LiteRT: float32 and full-integer int8, builtin ops only, logits out."""
+"""Export the trained Keras model to LiteRT: float32 and int8 (dynamic range), builtin ops only, logits out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
+# What a run records of how its LiteRT files were made: a kept run whose files came from another scheme is
+# re-exported when its model is on disk (fmnist.experiments.refresh_export). Change it when the export changes.
+EXPORT_SCHEME = "float32; int8 dynamic range (int8 weights per channel, activations quantised per image)"
 # The name of the exported models' one output: the classifier's logits, before the softmax.
 LOGITS = "logits"
 
@@ -62,28 +66,31 @@ def _converter(model) -> tf.lite.TFLiteConverter:
     return converter
 
 
+def _convert(converter: tf.lite.TFLiteConverter) -> bytes:
+    # The converter prints its settings on fd 2, and Keras prints the signature of the SavedModel it exports
+    # first ("Saved artifact at ...") on stdout: neither says anything a reader of the notebook can act on.
+    with quiet_native_output(), contextlib.redirect_stdout(io.StringIO()):
+        return converter.convert()
+
+
 def to_float32(model) -> bytes:
-    with quiet_native_output():  # The converter prints its settings on fd 2.
-        return _converter(model).convert()
+    return _convert(_converter(model))
 
 
-def to_int8(model, representative_images: np.ndarray) -> bytes:
-    """Full-integer quantisation, calibrated on ``representative_images`` (from the training split)."""
-    if len(representative_images) == 0:
-        raise ValueError("representative_images is empty: give a few hundred training images.")
+def to_int8(model) -> bytes:
+    """int8 weights, with each layer's input quantised to int8 per image as the model runs ("dynamic range").
 
-    def samples() -> Iterator[list[np.ndarray]]:
-        for image in representative_images:
-            yield [image[np.newaxis].astype(np.float32)]
-
+    The weights of every layer with at least 1,024 of them are stored as int8, one scale per output channel,
+    and XNNPACK multiplies in int8 with an int32 accumulator. Unlike full-integer quantisation, no activation
+    range is fixed beforehand from calibration images: each image's range is measured as it passes, so the
+    first convolution (too few weights to be quantised) and the input stay float32, and no calibration set
+    is needed. On the study's models this served probabilities about 4x closer to the Keras model's than
+    full-integer int8 did (p99 of the largest per-class difference 0.021 against 0.085 for
+    bn_cnn_deep_distilled), at the same accuracy as float32 and no slower (README, "The shipped classifier").
+    """
     converter = _converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = samples
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    with quiet_native_output():
-        return converter.convert()
+    return _convert(converter)
 
 
 def operators(model_bytes: bytes) -> set[str]:

@@ -372,13 +372,20 @@ def shipping_block(shipping: dict | None) -> str:
     rows = {row["name"]: row for row in shipping["candidates"]}
     shipped = rows[shipping["shipped"]]
     reference = rows[shipping["reference"]]
+    p99 = shipped.get("probability_p99")
+    served = (
+        f" The probabilities it serves are within {p99:.3f} of its Keras model's for 99% of the test images "
+        "(the largest per-class difference per image)."
+        if p99 is not None
+        else ""
+    )
     return (
         f"**Rule:** {shipping['rule']}. The reference, {reference['name']}, answers in "
         f"{shipping['reference_p50_ms']:.3f} ms, so the budget is {shipping['budget_ms']:.3f} ms.\n\n"
         f"**Ships: {shipped['name']}** ({shipped['architecture']}), validation accuracy "
         f"{shipped['validation_accuracy']:.4f}, {shipped['p50_ms']:.3f} ms per image "
         f"({shipped['latency_ratio']:.2f}x the reference), {shipped['size_bytes'] / 1024:.0f} KB; its test accuracy, "
-        f"measured once after the choice, is **{shipping['shipped_test_accuracy']:.4f}**. "
+        f"measured once after the choice, is **{shipping['shipped_test_accuracy']:.4f}**.{served} "
         "`make ship-model` makes it the default of `fmnist classify` and `fmnist serve`."
     )
 
@@ -394,6 +401,7 @@ def shipping_table(shipping: dict | None) -> pd.DataFrame:
             "int8 p50 (ms)": frame["p50_ms"].astype(float).round(3),
             "x reference": frame["latency_ratio"].astype(float).round(2),
             "int8 size (KB)": (frame["size_bytes"].astype(float) / 1024).round(0),
+            "probability p99": frame.get("probability_p99", pd.Series(None, index=frame.index)).astype(float).round(3),
             "verdict": frame["reason"],
         }
     )

@@ -9,7 +9,6 @@ import random
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,12 +16,6 @@ import numpy as np
 # Set to "show" to leave native libraries' direct writes to file descriptor 2 alone (see ``quiet_native_output``).
 # ``fmnist run`` sets it: its kernels do not forward that descriptor to the notebook, and it points at the stage's log.
 NATIVE_OUTPUT_ENV = "FMNIST_NATIVE_OUTPUT"
-# Python warnings from libraries that say nothing a reader of this study can act on.
-KNOWN_WARNINGS = (
-    # The int8 converter calibrates from a representative dataset; it still warns about input statistics.
-    r"Statistics for quantized inputs were expected",
-)
-
 
 _NATIVE_OUTPUT_LOCK = threading.Lock()
 
@@ -70,8 +63,6 @@ def quiet_tensorflow() -> None:
     The CUDA probe, which logs its failure on a machine without a GPU at first use, runs here too.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for pattern in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     if "tensorflow" in sys.modules:
         return
     with quiet_native_output():
