@@ -368,3 +368,34 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
     assert by_name["good"]["file"] == experiments_dir / "models" / "good_int8.tflite" and by_name["good"]["seed"] == 42
     assert by_name["swapped"]["file"] is None  # On disk, but not the file its run exported.
     assert len(read) == 4  # Every run file that decided a figure is recorded as an input.
+
+
+def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, monkeypatch):
+    teacher = Recipe.from_params("teacher", {})
+    student = Recipe.from_params("student", {"teacher": "teacher"})
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    teacher_path, student_path = experiments.run_path(runs, teacher, 1), experiments.run_path(runs, student, 1)
+    for path in (teacher_path, student_path):
+        path.parent.mkdir(parents=True)
+    teacher_path.write_text(json.dumps({"recipe": teacher.as_dict(), "seed": 1, "litert_export": "older"}))
+    student_record = {"recipe": student.as_dict(), "seed": 1, "teacher": {"run_sha256": file_digest(teacher_path)}}
+    student_path.write_text(json.dumps(student_record))
+    monkeypatch.setattr(experiments, "run_one", lambda *_, **__: pytest.fail("nothing needs training"))
+
+    def fake_refresh(result, recipe, runs_dir, models_dir, x_test, y_test):
+        if result.get("litert_export") != "older":
+            return "current"
+        result["litert_export"] = "newer"  # The files and their digests change; the training does not.
+        experiments.write_json(experiments.run_path(runs_dir, recipe, result["seed"]), result)
+
+    monkeypatch.setattr(experiments, "refresh_export", fake_refresh)
+    messages = []
+    plan = [(teacher, 1), (student, 1)]
+    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
+    assert json.loads(teacher_path.read_text())["litert_export"] == "newer"
+    assert json.loads(student_path.read_text())["teacher"]["run_sha256"] == file_digest(teacher_path)
+    assert any("its teacher's run was re-exported" in message for message in messages)
+    # The next run finds everything current: both kept, nothing rewritten.
+    digests = (file_digest(teacher_path), file_digest(student_path))
+    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
+    assert (file_digest(teacher_path), file_digest(student_path)) == digests

@@ -245,6 +245,39 @@ def refresh_export(
     return None
 
 
+def refresh_exports(
+    kept: list[tuple[str, Recipe, dict[str, Any]]],
+    runs_dir: Path,
+    models_dir: Path,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
+    progress: Callable[[str], None] = _say,
+) -> None:
+    """:func:`refresh_export` for each kept run (``(label, recipe, result)``, teachers before their students).
+
+    A re-export rewrites a run's file, whose SHA-256 is how a student names the teacher run it learnt from.
+    The training is the same, so a student of a re-exported teacher is pointed at the rewritten file instead
+    of being retrained.
+    """
+    renamed: dict[str, str] = {}  # A rewritten run file's SHA-256 before -> after.
+    for label, recipe, result in kept:
+        path = run_path(runs_dir, recipe, result["seed"])
+        before = file_digest(path)
+        teacher = result.get("teacher") or {}
+        if teacher.get("run_sha256") in renamed:
+            teacher["run_sha256"] = renamed[teacher["run_sha256"]]
+            write_json(path, result)
+            progress(f"{label}: its teacher's run was re-exported; the same training, so it is kept")
+        why_not = refresh_export(result, recipe, runs_dir, models_dir, x_test, y_test)
+        if why_not is None:
+            progress(f"{label}: re-exported (new export scheme)")
+        elif why_not != "current":
+            progress(f"{label}: old export scheme kept: {why_not}")
+        after = file_digest(path)
+        if after != before:
+            renamed[before] = after
+
+
 def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
     """The recipe a stored run was trained with; fields added since take their defaults (the old behaviour)."""
     try:
@@ -274,6 +307,7 @@ def run_all(
     """
     plan = list(plan)
     results, missing = [], []
+    kept: list[tuple[str, Recipe, dict[str, Any]]] = []
     first_seed: dict[str, int] = {}
     for recipe, seed in plan:
         first_seed.setdefault(recipe.name, seed)
@@ -286,18 +320,7 @@ def run_all(
             )
             if _stored_recipe(result["recipe"]) == recipe and not stale_teacher:
                 progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
-                why_not = refresh_export(
-                    result,
-                    recipe,
-                    runs_dir,
-                    models_dir,
-                    data_and_settings.get("x_test"),
-                    data_and_settings.get("y_test"),
-                )
-                if why_not is None:
-                    progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: re-exported (new export scheme)")
-                elif why_not != "current":
-                    progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: old export scheme kept: {why_not}")
+                kept.append((f"{position}/{len(plan)} {recipe.name} seed {seed}", recipe, result))
                 results.append(result)
                 continue
             reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
@@ -320,6 +343,7 @@ def run_all(
                 **data_and_settings,
             )
             results = [r for r in results if (r["recipe"]["name"], r["seed"]) != (teacher.name, seed)] + [retrained]
+            kept = [entry for entry in kept if (entry[1].name, entry[2]["seed"]) != (teacher.name, seed)]
         progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
         started = time.perf_counter()
         checkpoint = Path(runs_dir).parent / "checkpoints" / recipe.name / f"seed{seed}"
@@ -338,6 +362,9 @@ def run_all(
             f"loss {result['test']['loss']:.4f} ({time.perf_counter() - started:.0f} s)"
         )
         results.append(result)
+    refresh_exports(
+        kept, runs_dir, models_dir, data_and_settings.get("x_test"), data_and_settings.get("y_test"), progress
+    )
     return results, missing
 
 
