@@ -55,6 +55,33 @@ def probability_agreement(
     return probability_difference(litert_probabilities(model_path, images, batch), reference_probabilities)
 
 
+def compare_quantisation(
+    files: dict[str, Path],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    keras_probabilities: np.ndarray,
+    *,
+    latency_runs: int,
+) -> list[dict[str, object]]:
+    """One row per quantisation scheme (``files``: scheme -> .tflite): test accuracy, how far the served
+    probabilities are from the Keras model's (99th percentile of the largest per-class difference), the
+    single-image latency (p50, one thread, all timed in the same fresh processes) and the size."""
+    latency = measure_latency_process(list(files.values()), latency_runs)
+    rows = []
+    for scheme, path in files.items():
+        probabilities = litert_probabilities(path, x_test)
+        rows.append(
+            {
+                "scheme": scheme,
+                "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y_test)),
+                "probability_p99": probability_difference(probabilities, keras_probabilities)["p99"],
+                "p50_ms": latency[Path(path).name]["p50_ms"],
+                "size_bytes": Path(path).stat().st_size,
+            }
+        )
+    return rows
+
+
 def compare_accuracy(keras_accuracy: float, exported: dict[str, float]) -> list[dict[str, object]]:
     """One row per model; raises when an export falls outside its tolerance."""
     rows = [{"model": "keras", "test_accuracy": keras_accuracy, "difference_points": 0.0, "tolerance_points": None}]

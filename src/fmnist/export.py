@@ -93,6 +93,41 @@ def to_int8(model) -> bytes:
     return _convert(converter)
 
 
+def to_float16(model) -> bytes:
+    """float16 weights (half the size of float32); XNNPACK widens them and computes in float32."""
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+    return _convert(converter)
+
+
+def to_full_integer_int8(model, representative_images: np.ndarray) -> bytes:
+    """Full-integer int8: every activation's range fixed beforehand from ``representative_images`` (training
+    images), float32 in and out. Not shipped: 05_deploy compares it with :func:`to_int8`."""
+    if len(representative_images) == 0:
+        raise ValueError("representative_images is empty: give a few hundred training images.")
+
+    def samples():
+        for image in representative_images:
+            yield [image[np.newaxis].astype(np.float32)]
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = samples
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return _convert(converter)
+
+
+def quantisation_variants(model, representative_images: np.ndarray) -> dict[str, bytes]:
+    """The model in each scheme 05_deploy compares, by name; "int8 dynamic range" is the one exported."""
+    return {
+        "float32": to_float32(model),
+        "float16 weights": to_float16(model),
+        "int8 full-integer": to_full_integer_int8(model, representative_images),
+        "int8 dynamic range": to_int8(model),
+    }
+
+
 def operators(model_bytes: bytes) -> set[str]:
     """The operator names a LiteRT model uses (to prove it has no Flex ops)."""
     from ai_edge_litert.interpreter import Interpreter

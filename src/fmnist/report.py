@@ -365,6 +365,29 @@ def deployment_block(layout: ArtifactLayout) -> str:
     return "\n".join(lines)
 
 
+QUANTISATION_NOTE = (
+    "The study's model in each LiteRT form `05_deploy` compares, judged as served on the test set: accuracy, the "
+    "99th percentile of the largest per-class difference from the Keras model's probabilities, single-image "
+    'latency (p50, one thread) and size. The exported int8 is "int8 dynamic range": int8 weights, each '
+    "layer's input quantised per image as it runs."
+)
+
+
+def quantisation_table(rows: list[dict] | None) -> pd.DataFrame:
+    """05_deploy's comparison of quantisation schemes, one row per scheme."""
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).set_index("scheme")
+    return pd.DataFrame(
+        {
+            "test accuracy": frame["test_accuracy"].round(4),
+            "probability p99": frame["probability_p99"].round(4),
+            "p50 (ms)": frame["p50_ms"].round(4),
+            "size (KB)": (frame["size_bytes"] / 1024).round(0),
+        }
+    )
+
+
 def shipping_block(shipping: dict | None) -> str:
     """Which model the classifier ships and why, from 05_deploy's shipping rule."""
     if not shipping:
