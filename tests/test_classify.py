@@ -136,6 +136,38 @@ def test_export_has_no_flex_ops_and_matches_keras(tmp_path):
         export.inference_graph(keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten()]))
 
 
+def test_the_quantisation_comparison_judges_each_scheme_as_served(tmp_path):
+    from fmnist import deploy, export
+    from fmnist.model import build_network
+
+    model = build_network("seed")
+    rng = np.random.default_rng(1)
+    images = rng.random((48, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(48) % 10
+    keras_probabilities = model.predict(images, verbose=0)
+    variants = export.quantisation_variants(model, images[:16])
+    assert list(variants) == ["float32", "float16 weights", "int8 full-integer", "int8 dynamic range"]
+    files = {
+        scheme: export.write_model(content, tmp_path / f"{scheme.replace(' ', '_')}.tflite")
+        for scheme, content in variants.items()
+    }
+    rows = {
+        row["scheme"]: row
+        for row in deploy.compare_quantisation(files, images, labels, keras_probabilities, latency_runs=10)
+    }
+    assert rows["float32"]["probability_p99"] < 1e-5
+    assert rows["float16 weights"]["probability_p99"] < 1e-3
+    sizes = [rows[scheme]["size_bytes"] for scheme in variants]
+    assert sizes[0] > sizes[1] > max(sizes[2:]), sizes  # float32 > float16 > either int8.
+    assert all(row["p50_ms"] > 0 and 0 <= row["test_accuracy"] <= 1 for row in rows.values())
+    # Full-integer int8 has an int8 graph between float32 input and output; dynamic range keeps float32 layers.
+    full = Classifier(files["int8 full-integer"])
+    assert not full.quantized and "QUANTIZE" in export.operators(variants["int8 full-integer"])
+    assert "QUANTIZE" not in export.operators(variants["int8 dynamic range"])
+    with pytest.raises(ValueError, match="representative_images is empty"):
+        export.to_full_integer_int8(model, images[:0])
+
+
 def test_a_prediction_carries_the_image_the_model_saw(images):
     from fmnist.preprocess import prepare_image
 

@@ -261,9 +261,13 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
         )
 
     kept, _ = rerun()
-    # A fresh clone has no models: the run is kept as it is, and the log says why it was not re-exported.
-    assert kept == [stored] and "not on disk" in messages[-1] and not models.exists()
+    # Neither its files nor its model on disk: nothing stale to replace, nothing to say.
+    assert kept == [stored] and "kept" in messages[-1] and not models.exists()
+    # A fresh clone has the committed int8 file but not the model: kept as it is, and the log says why.
     models.mkdir()
+    (models / "tiny_int8.tflite").write_bytes(b"an older export")
+    kept, _ = rerun()
+    assert kept == [stored] and "not on disk" in messages[-1]
     build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(experiments.model_path(models, "tiny", 1))
     kept, _ = rerun()
     assert "re-exported" in messages[-1]

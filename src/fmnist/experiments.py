@@ -226,16 +226,18 @@ def refresh_export(
 ) -> str | None:
     """Re-export a kept run whose LiteRT files came from an older export scheme, when its model is on disk.
 
-    The training stays as it was; only the files, their digests and the scheme are rewritten. Returns why
-    nothing was done, or None when the files were written.
+    The training stays as it was; only the files, their digests and the scheme are rewritten. Returns None
+    when the files were written, else why not ("" when there is nothing to say: the files are current, or
+    none was exported, or none is on disk to be stale).
     """
     from fmnist import export
 
-    if not result.get("litert_files") or result.get("litert_export") == export.EXPORT_SCHEME:
-        return "current"
+    files = (result.get("litert_files") or {}).values()
+    if result.get("litert_export") == export.EXPORT_SCHEME or not any((models_dir / f).is_file() for f in files):
+        return ""
     model_file = model_path(models_dir, recipe.name, result["seed"])
     if not model_file.is_file():
-        return f"its model {model_file.name} is not on disk (models are not committed)"
+        return f"its model {model_file.name} is not on disk (models are not committed), but its files are"
     if x_test is None or y_test is None:
         return "no test images were given to measure the new files on"
     model = keras.models.load_model(model_file)
@@ -271,7 +273,7 @@ def refresh_exports(
         why_not = refresh_export(result, recipe, runs_dir, models_dir, x_test, y_test)
         if why_not is None:
             progress(f"{label}: re-exported (new export scheme)")
-        elif why_not != "current":
+        elif why_not:
             progress(f"{label}: old export scheme kept: {why_not}")
         after = file_digest(path)
         if after != before:
