@@ -203,7 +203,7 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     assert all(bench["packages"][name] for name in ("tensorflow", "keras", "keras-tuner", "ai-edge-litert", "numpy"))
     floor = bench["floor"]
     assert floor["multiply_adds"] == 2_906_752  # The seed CNN, counted layer by layer.
-    # No engine beats the arithmetic floor; if one did, the floor (or the timing) would be wrong.
+    # No float32 engine beats the float32 arithmetic floor; if one did, the floor (or the timing) would be wrong.
     assert 0 < floor["floor_ms"] < bench["latency"]["litert_float32"]["p50_ms"]
     # The shipping rule, with the study's own model as the only candidate (the smoke profile names no experiments).
     shipping = json.loads(layout.shipping.read_text())

@@ -181,3 +181,41 @@ def test_the_shipping_block_says_how_faithfully_the_shipped_file_serves_its_mode
         del row["probability_p99"]
     assert "99%" not in report.shipping_block(shipping)
     assert report.shipping_table(shipping)["probability p99"].isna().all()
+
+
+def test_the_latency_figure_keeps_to_one_machine_and_every_recipe_has_its_own_look():
+    import matplotlib.pyplot as plt
+
+    from fmnist import plots
+
+    names = [f"recipe_{index}" for index in range(12)]
+    styles = plots.recipe_styles(names)
+    assert len({(tuple(style["color"]), style["marker"]) for style in styles.values()}) == 12
+    assert len({tuple(style["color"]) for style in styles.values()}) == 12  # Beyond tab10's 10 colours.
+
+    def row(name, latency, machine):
+        return {
+            "recipe": name,
+            "test_accuracy_mean": 0.93,
+            "test_accuracy_std": 0.001,
+            "litert_int8_p50_ms": latency,
+            "latency_machine": machine,
+        }
+
+    rows = [
+        row("old", 0.15, plots.EARLIER_MACHINE),  # Kept from a run on another machine: left out.
+        row("a", 0.02, "AMD EPYC, 2 cores (avx2, avx512f)"),
+        row("b", 0.05, "AMD EPYC, 2 cores (avx2, avx512f)"),
+        row("untimed", None, None),
+    ]
+    figure = plots.accuracy_vs_latency(rows)
+    axis = figure.axes[0]
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["a", "b"]
+    assert axis.get_title() == "Accuracy against latency, timed on AMD EPYC, 2 cores"
+    assert any("1 recipe timed on another machine left out" in text.get_text() for text in axis.texts)
+    plt.close(figure)
+    # Only earlier figures: those are shown, and nothing is said to be left out.
+    figure = plots.accuracy_vs_latency([rows[0]])
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == ["old"]
+    assert not figure.axes[0].texts
+    plt.close(figure)

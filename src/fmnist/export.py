@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,10 @@ def to_full_integer_int8(model, representative_images: np.ndarray) -> bytes:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = samples
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return _convert(converter)
+    with warnings.catch_warnings():
+        # The converter calibrates from the representative dataset, yet warns that input statistics are missing.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        return _convert(converter)
 
 
 def quantisation_variants(model, representative_images: np.ndarray) -> dict[str, bytes]:

@@ -238,22 +238,68 @@ def reliability(curves: dict[str, dict]) -> plt.Figure:
     return figure
 
 
+# Markers cycled with the colours, so recipes stay apart beyond the palette's colours and in greyscale.
+RECIPE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def recipe_styles(names: list[str]) -> dict[str, dict[str, str]]:
+    """A distinct colour and marker per recipe (``names`` in table order), the same in every figure."""
+    palette = sns.color_palette("tab20", 20)
+    # Even entries first: tab20 pairs a strong and a light shade of each hue.
+    colours = palette[0::2] + palette[1::2]
+    return {
+        name: {"color": colours[index % len(colours)], "marker": RECIPE_MARKERS[index % len(RECIPE_MARKERS)]}
+        for index, name in enumerate(names)
+    }
+
+
+EARLIER_MACHINE = "an earlier run's machine"
+
+
 def accuracy_vs_latency(rows: list[dict]) -> plt.Figure:
-    """Mean test accuracy (± one standard deviation over seeds) against LiteRT int8 single-image latency."""
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        latency = row.get("litert_int8_p50_ms")
-        if latency is None:
-            continue
+    """Mean test accuracy (± one standard deviation over seeds) against LiteRT int8 single-image latency.
+
+    Latencies compare only within one machine: the figure shows the recipes timed on the machine that timed
+    most of them (figures kept from earlier runs, whose models are not on disk, are left out when any were
+    timed anew) and says how many it left out.
+    """
+    styles = recipe_styles([row["recipe"] for row in rows])
+    timed = [row for row in rows if row.get("litert_int8_p50_ms") is not None]
+    by_machine: dict[str, list[dict]] = {}
+    for row in timed:
+        by_machine.setdefault(row.get("latency_machine") or EARLIER_MACHINE, []).append(row)
+    recent = {machine: group for machine, group in by_machine.items() if machine != EARLIER_MACHINE} or by_machine
+    machine = max(recent, key=lambda name: len(recent[name])) if recent else None
+    shown = recent.get(machine, [])
+    figure, axis = plt.subplots(figsize=(8, 4.8))
+    for row in shown:
         mean, std = row["test_accuracy_mean"], row["test_accuracy_std"]
-        axis.errorbar(latency, mean, yerr=std, marker="o", capsize=4, label=row["recipe"])
+        axis.errorbar(
+            row["litert_int8_p50_ms"], mean, yerr=std, capsize=4, label=row["recipe"], **styles[row["recipe"]]
+        )
     axis.set_xscale("log")
+    axis.xaxis.set_major_locator(plt.matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
     axis.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
-    axis.xaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     axis.set_xlabel("LiteRT int8 latency per image, p50, one thread (ms, log scale)")
     axis.set_ylabel("test accuracy (mean ± std over seeds)")
-    axis.set_title("Accuracy against latency")
-    axis.legend(fontsize="small")
+    # The machine's name without its ISA flags keeps the title on one line; the table has the full name.
+    axis.set_title(
+        f"Accuracy against latency, timed on {machine.split(' (')[0]}" if machine else "Accuracy against latency"
+    )
+    left_out = len(timed) - len(shown)
+    if left_out:
+        axis.annotate(
+            f"{left_out} recipe{'s' if left_out > 1 else ''} timed on another machine left out (see the table)",
+            (0.0, 0.0),
+            xycoords="axes fraction",
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize="x-small",
+            color="dimgrey",
+        )
+    if shown:
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     return figure
 
@@ -261,27 +307,32 @@ def accuracy_vs_latency(rows: list[dict]) -> plt.Figure:
 def accuracy_vs_compute(rows: list[dict], anchors, budgets: dict[str, float]) -> plt.Figure:
     """Mean test accuracy (± one standard deviation over seeds) against training compute, with the
     published results (whose compute is not published) as horizontal lines and the budgets as vertical ones."""
+    styles = recipe_styles([row["recipe"] for row in rows])
     figure, axis = plt.subplots(figsize=(10, 5))
     for row in rows:
         axis.errorbar(
             row["training_tflops_mean"],
             row["test_accuracy_mean"],
             yerr=row["test_accuracy_std"],
-            marker="o",
             capsize=4,
             label=f"{row['recipe']} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})",
+            **styles[row["recipe"]],
         )
-    # Published results within 0.4 points of each other share one line and one label.
+    # Published results within 0.45 points of each other share one line and one label.
     groups: list[list[dict]] = []
     for anchor in sorted(anchors, key=lambda anchor: anchor["test_accuracy"]):
-        if groups and anchor["test_accuracy"] - groups[-1][0]["test_accuracy"] < 0.004:
+        if groups and anchor["test_accuracy"] - groups[-1][0]["test_accuracy"] < 0.0045:
             groups[-1].append(anchor)
         else:
             groups.append([anchor])
     for group in groups:
         level = group[0]["test_accuracy"]
         axis.axhline(level, color="grey", linewidth=0.6, linestyle=":")
-        text = "; ".join(f"{anchor['model']} {anchor['test_accuracy']:.3f}" for anchor in group)
+        best = max(group, key=lambda anchor: anchor["test_accuracy"])
+        text = f"{best['model']} {best['test_accuracy']:.3f}"
+        if len(group) > 1:
+            # One name per line keeps the label inside the axes; the report's table lists them all.
+            text += f" (and {len(group) - 1} more from {level:.3f})"
         axis.annotate(
             text,
             (0.0, level),
@@ -291,6 +342,9 @@ def accuracy_vs_compute(rows: list[dict], anchors, budgets: dict[str, float]) ->
             fontsize="x-small",
             color="dimgrey",
         )
+    if groups:
+        # Room above the highest published line for its label.
+        axis.set_ylim(top=max(axis.get_ylim()[1], groups[-1][0]["test_accuracy"] + 0.008))
     for label, tflops in budgets.items():
         axis.axvline(tflops, color="black", linewidth=0.8, linestyle="--")
         axis.annotate(
