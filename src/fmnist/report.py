@@ -420,20 +420,22 @@ def shipping_block(shipping: dict | None) -> str:
 
 
 def shipping_table(shipping: dict | None) -> pd.DataFrame:
+    """Every candidate of the shipping rule; a figure a candidate has not (no file on disk) reads "–"."""
     if not shipping:
         return pd.DataFrame()
     frame = pd.DataFrame(shipping["candidates"]).set_index("name")
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "architecture": frame["architecture"],
             "validation accuracy": frame["validation_accuracy"].round(4),
             "int8 p50 (ms)": frame["p50_ms"].astype(float).round(3),
             "x reference": frame["latency_ratio"].astype(float).round(2),
-            "int8 size (KB)": (frame["size_bytes"].astype(float) / 1024).round(0),
+            "int8 size (KB)": (frame["size_bytes"].astype(float) / 1024).round(0).astype("Int64"),
             "probability p99": frame.get("probability_p99", pd.Series(None, index=frame.index)).astype(float).round(3),
             "verdict": frame["reason"],
         }
     )
+    return table.astype(object).where(table.notna(), "–")
 
 
 def compute_block(summary: dict | None) -> str:
