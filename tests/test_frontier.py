@@ -382,11 +382,11 @@ def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, m
     student_path.write_text(json.dumps(student_record))
     monkeypatch.setattr(experiments, "run_one", lambda *_, **__: pytest.fail("nothing needs training"))
 
-    def fake_refresh(result, recipe, runs_dir, models_dir, x_test, y_test):
+    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test):
         if result.get("litert_export") != "older":
             return ""
         result["litert_export"] = "newer"  # The files and their digests change; the training does not.
-        experiments.write_json(experiments.run_path(runs_dir, recipe, result["seed"]), result)
+        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), result)
 
     monkeypatch.setattr(experiments, "refresh_export", fake_refresh)
     messages = []
@@ -399,3 +399,47 @@ def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, m
     digests = (file_digest(teacher_path), file_digest(student_path))
     experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
     assert (file_digest(teacher_path), file_digest(student_path)) == digests
+
+
+def test_a_student_trained_after_its_teacher_was_re_exported_is_kept_on_the_next_run(tmp_path, monkeypatch):
+    teacher = Recipe.from_params("teacher", {})
+    student = Recipe.from_params("student", {"teacher": "teacher"})
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    teacher_path = experiments.run_path(runs, teacher, 1)
+    teacher_path.parent.mkdir(parents=True)
+    teacher_path.write_text(json.dumps({"recipe": teacher.as_dict(), "seed": 1, "litert_export": "older"}))
+    models.mkdir()
+    experiments.model_path(models, "teacher", 1).write_text("model")  # On disk: the teacher is not retrained.
+    trained = []
+
+    def fake_run_one(recipe, seed, *, runs_dir, **_):
+        trained.append(recipe.name)
+        # As run_one does: the student names the teacher run file as it is when it learns from it.
+        record = {"recipe": recipe.as_dict(), "seed": seed, "teacher": {"run_sha256": file_digest(teacher_path)}}
+        record["test"] = {"accuracy": 0.9, "loss": 0.3}
+        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), record)
+        return record
+
+    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test):
+        if result.get("litert_export") != "older":
+            return ""
+        result["litert_export"] = "newer"
+        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), result)
+
+    monkeypatch.setattr(experiments, "run_one", fake_run_one)
+    monkeypatch.setattr(experiments, "refresh_export", fake_refresh)
+    plan = [(teacher, 1), (student, 1)]
+    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    assert trained == ["student"] and json.loads(teacher_path.read_text())["litert_export"] == "newer"
+    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    assert trained == ["student"]  # The student learnt from the re-exported file: nothing is stale.
+
+
+def test_summarising_what_is_on_disk_rewrites_nothing(tmp_path, monkeypatch):
+    recipe = Recipe.from_params("a", {})
+    path = experiments.run_path(tmp_path, recipe, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"recipe": recipe.as_dict(), "seed": 1, "litert_export": "older"}))
+    monkeypatch.setattr(experiments, "refresh_export", lambda *_: pytest.fail("train_missing=False re-exported"))
+    kept, missing = experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, train_missing=False)
+    assert len(kept) == 1 and missing == []

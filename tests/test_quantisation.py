@@ -11,7 +11,7 @@ from fmnist.model import build_network
 
 def test_rounding_per_image_and_per_channel_keeps_256_levels_and_the_extremes():
     rng = np.random.default_rng(0)
-    images = rng.random((3, 5, 5, 2)).astype(np.float32) * np.array([1.0, 10.0, 0.01])[:, None, None, None]
+    images = rng.random((3, 40, 40, 2)).astype(np.float32) * np.array([1.0, 10.0, 0.01])[:, None, None, None]
     rounded = quantisation.round_per_image(images)
     for image, original in zip(rounded, images, strict=True):
         step = original.max() / 255  # Non-negative values: the range is [0, max].
@@ -35,12 +35,14 @@ def test_the_simulated_rounding_reproduces_the_exported_int8_model(tmp_path):
     # The first convolution (72 weights) stays float32 in dynamic range; the others are quantised, and rounding
     # them in NumPy moves the probabilities as far as the exported int8 file does.
     assert not rows["stage1_conv1"]["quantised"] and rows["stage2_conv1"]["quantised"]
-    assert all(row["p99_both"] >= 0 for row in rows.values())
+    assert rows["stage2_conv1"]["p99_both"] > 0 and rows["stage2_conv1"]["weights"] == 3 * 3 * 8 * 16
     path = export.write_model(export.to_int8(model), tmp_path / "int8.tflite")
     served = deploy.probability_agreement(path, images, plain)["p99"]
     simulated = rows["all quantised layers"]["p99_both"]
     assert simulated == pytest.approx(served, rel=0.02, abs=1e-6), (simulated, served)
     with pytest.raises(ValueError, match="name Conv2D or Dense layers"):
         quantisation.probabilities_with_rounding(model, images, {"stage1_pool": "both"})
+    with pytest.raises(ValueError, match="images is empty"):
+        quantisation.layer_sensitivity(model, images[:0])
     with pytest.raises(ValueError, match="'weights', 'inputs' or 'both'"):
         quantisation.probabilities_with_rounding(model, images, {"stage1_conv1": "all"})

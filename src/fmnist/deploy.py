@@ -55,6 +55,18 @@ def probability_agreement(
     return probability_difference(litert_probabilities(model_path, images, batch), reference_probabilities)
 
 
+def served_figures(
+    model_path: Path, x_test: np.ndarray, y_test: np.ndarray, keras_probabilities: np.ndarray
+) -> dict[str, object]:
+    """A LiteRT file judged as it serves: its test accuracy, and how far its probabilities are from the
+    Keras model's (:func:`probability_difference`)."""
+    probabilities = litert_probabilities(model_path, x_test)
+    return {
+        "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y_test)),
+        "probability_difference": probability_difference(probabilities, keras_probabilities),
+    }
+
+
 def compare_quantisation(
     files: dict[str, Path],
     x_test: np.ndarray,
@@ -69,12 +81,12 @@ def compare_quantisation(
     latency = measure_latency_process(list(files.values()), latency_runs)
     rows = []
     for scheme, path in files.items():
-        probabilities = litert_probabilities(path, x_test)
+        served = served_figures(path, x_test, y_test, keras_probabilities)
         rows.append(
             {
                 "scheme": scheme,
-                "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y_test)),
-                "probability_p99": probability_difference(probabilities, keras_probabilities)["p99"],
+                "test_accuracy": served["test_accuracy"],
+                "probability_p99": served["probability_difference"]["p99"],
                 "p50_ms": latency[Path(path).name]["p50_ms"],
                 "size_bytes": Path(path).stat().st_size,
             }

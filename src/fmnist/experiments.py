@@ -200,25 +200,21 @@ def export_litert(
         "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
         "int8": export.write_model(export.to_int8(model), Path(models_dir) / f"{name}_int8.tflite"),
     }
-    served = {}
-    for kind, path in files.items():
-        probabilities = deploy.litert_probabilities(path, x_test)
-        served[kind] = {
-            "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y_test)),
-            "probability_difference": deploy.probability_difference(probabilities, keras_probabilities),
-        }
     return {
         "litert_files": {kind: path.name for kind, path in files.items()},
         # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
         "litert_sha256": {kind: file_digest(path) for kind, path in files.items()},
         "litert_export": export.EXPORT_SCHEME,
-        "litert_served": served,
+        "litert_served": {
+            kind: deploy.served_figures(path, x_test, y_test, keras_probabilities) for kind, path in files.items()
+        },
     }
 
 
 def refresh_export(
     result: dict[str, Any],
     recipe: Recipe,
+    seed: int,
     runs_dir: Path,
     models_dir: Path,
     x_test: np.ndarray | None,
@@ -226,58 +222,64 @@ def refresh_export(
 ) -> str | None:
     """Re-export a kept run whose LiteRT files came from an older export scheme, when its model is on disk.
 
-    The training stays as it was; only the files, their digests and the scheme are rewritten. Returns None
-    when the files were written, else why not ("" when there is nothing to say: the files are current, or
-    none was exported, or none is on disk to be stale).
+    The training stays as it was; the files are rewritten, with what the run records of them (their digests,
+    the scheme and how they serve: :func:`export_litert`). Returns None when the files were written, else
+    why not ("" when there is nothing to say: the files are current, or none was exported, or none is on
+    disk to be stale).
     """
     from fmnist import export
 
     files = (result.get("litert_files") or {}).values()
-    if result.get("litert_export") == export.EXPORT_SCHEME or not any((models_dir / f).is_file() for f in files):
+    if result.get("litert_export") == export.EXPORT_SCHEME or not any((Path(models_dir) / f).is_file() for f in files):
         return ""
-    model_file = model_path(models_dir, recipe.name, result["seed"])
+    model_file = model_path(models_dir, recipe.name, seed)
     if not model_file.is_file():
         return f"its model {model_file.name} is not on disk (models are not committed), but its files are"
     if x_test is None or y_test is None:
         return "no test images were given to measure the new files on"
     model = keras.models.load_model(model_file)
-    plain, _ = predict(model, x_test)
-    result.update(export_litert(model, models_dir, recipe.name, x_test, y_test, plain))
-    write_json(run_path(runs_dir, recipe, result["seed"]), result)
+    probabilities = model.predict(x_test, batch_size=1000, verbose=0)
+    result.update(export_litert(model, models_dir, recipe.name, x_test, y_test, probabilities))
+    write_json(run_path(runs_dir, recipe, seed), result)
     return None
 
 
-def refresh_exports(
-    kept: list[tuple[str, Recipe, dict[str, Any]]],
+def _keep(
+    label: str,
+    recipe: Recipe,
+    seed: int,
+    result: dict[str, Any],
+    *,
+    re_point_teacher: str | None,
+    renamed: dict[str, str],
+    refresh: bool,
     runs_dir: Path,
     models_dir: Path,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
-    progress: Callable[[str], None] = _say,
+    progress: Callable[[str], None],
 ) -> None:
-    """:func:`refresh_export` for each kept run (``(label, recipe, result)``, teachers before their students).
+    """Keep a stored run: point it at its teacher's rewritten run file (``re_point_teacher``, that file's
+    SHA-256 now) and, with ``refresh``, re-export it under the current scheme (:func:`refresh_export`).
 
-    A re-export rewrites a run's file, whose SHA-256 is how a student names the teacher run it learnt from.
-    The training is the same, so a student of a re-exported teacher is pointed at the rewritten file instead
-    of being retrained.
+    A student names the teacher run it learnt from by that file's SHA-256. A re-export rewrites the file but
+    not the training, so ``renamed`` maps each file's digest before this run's rewrite to its digest after:
+    a student of a re-exported teacher is re-pointed instead of retrained.
     """
-    renamed: dict[str, str] = {}  # A rewritten run file's SHA-256 before -> after.
-    for label, recipe, result in kept:
-        path = run_path(runs_dir, recipe, result["seed"])
-        before = file_digest(path)
-        teacher = result.get("teacher") or {}
-        if teacher.get("run_sha256") in renamed:
-            teacher["run_sha256"] = renamed[teacher["run_sha256"]]
-            write_json(path, result)
-            progress(f"{label}: its teacher's run was re-exported; the same training, so it is kept")
-        why_not = refresh_export(result, recipe, runs_dir, models_dir, x_test, y_test)
-        if why_not is None:
-            progress(f"{label}: re-exported (new export scheme)")
-        elif why_not:
-            progress(f"{label}: old export scheme kept: {why_not}")
-        after = file_digest(path)
-        if after != before:
-            renamed[before] = after
+    path = run_path(runs_dir, recipe, seed)
+    before = file_digest(path)
+    if re_point_teacher is not None:
+        result["teacher"]["run_sha256"] = re_point_teacher
+        write_json(path, result)
+        progress(f"{label}: its teacher's run was re-exported; the same training, so it is kept")
+    why_not = refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test) if refresh else ""
+    if why_not is None:
+        progress(f"{label}: re-exported (new export scheme)")
+    elif why_not:
+        progress(f"{label}: old export scheme kept: {why_not}")
+    after = file_digest(path)
+    if after != before:
+        renamed[before] = after
 
 
 def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
@@ -309,24 +311,40 @@ def run_all(
     """
     plan = list(plan)
     results, missing = [], []
-    kept: list[tuple[str, Recipe, dict[str, Any]]] = []
+    renamed: dict[str, str] = {}  # Run files rewritten by this run's re-exports: SHA-256 before -> after.
     first_seed: dict[str, int] = {}
     for recipe, seed in plan:
         first_seed.setdefault(recipe.name, seed)
     for position, (recipe, seed) in enumerate(plan, start=1):
+        label = f"{position}/{len(plan)} {recipe.name} seed {seed}"
         path = run_path(runs_dir, recipe, seed)
         if path.is_file() and not force:
             result = read_json(path)
-            stale_teacher = recipe.teacher and (result.get("teacher") or {}).get("run_sha256") != _sha_or_none(
-                run_path(runs_dir, Recipe(name=recipe.teacher), seed)
-            )
+            recorded = (result.get("teacher") or {}).get("run_sha256")
+            current = _sha_or_none(run_path(runs_dir, Recipe(name=recipe.teacher), seed)) if recipe.teacher else None
+            re_pointed = bool(recipe.teacher) and recorded != current and renamed.get(recorded) == current
+            stale_teacher = bool(recipe.teacher) and recorded != current and not re_pointed
             if _stored_recipe(result["recipe"]) == recipe and not stale_teacher:
-                progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: done before, kept ({path.name})")
-                kept.append((f"{position}/{len(plan)} {recipe.name} seed {seed}", recipe, result))
+                progress(f"{label}: done before, kept ({path.name})")
+                _keep(
+                    label,
+                    recipe,
+                    seed,
+                    result,
+                    re_point_teacher=current if re_pointed else None,
+                    renamed=renamed,
+                    # train_missing=False writes nothing: it summarises what is on disk.
+                    refresh=train_missing,
+                    runs_dir=runs_dir,
+                    models_dir=models_dir,
+                    x_test=data_and_settings.get("x_test"),
+                    y_test=data_and_settings.get("y_test"),
+                    progress=progress,
+                )
                 results.append(result)
                 continue
             reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
-            progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: {reason} since; retraining")
+            progress(f"{label}: {reason} since; retraining")
         if not train_missing:
             progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")
             missing.append(f"{recipe.name} seed {seed}")
@@ -340,12 +358,12 @@ def run_all(
                 seed,
                 runs_dir=runs_dir,
                 models_dir=models_dir,
+                export=seed == first_seed[teacher.name],
                 checkpoint_dir=Path(runs_dir).parent / "checkpoints" / teacher.name / f"seed{seed}",
                 tensorboard_dir=tensorboard_dir,
                 **data_and_settings,
             )
             results = [r for r in results if (r["recipe"]["name"], r["seed"]) != (teacher.name, seed)] + [retrained]
-            kept = [entry for entry in kept if (entry[1].name, entry[2]["seed"]) != (teacher.name, seed)]
         progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
         started = time.perf_counter()
         checkpoint = Path(runs_dir).parent / "checkpoints" / recipe.name / f"seed{seed}"
@@ -364,9 +382,6 @@ def run_all(
             f"loss {result['test']['loss']:.4f} ({time.perf_counter() - started:.0f} s)"
         )
         results.append(result)
-    refresh_exports(
-        kept, runs_dir, models_dir, data_and_settings.get("x_test"), data_and_settings.get("y_test"), progress
-    )
     return results, missing
 
 

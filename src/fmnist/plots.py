@@ -331,7 +331,8 @@ def accuracy_vs_compute(rows: list[dict], anchors, budgets: dict[str, float]) ->
         best = max(group, key=lambda anchor: anchor["test_accuracy"])
         text = f"{best['model']} {best['test_accuracy']:.3f}"
         if len(group) > 1:
-            # One name per line keeps the label inside the axes; the report's table lists them all.
+            # One name per group keeps the label inside the axes (the line is at the group's lowest result);
+            # the report's table lists them all.
             text += f" (and {len(group) - 1} more from {level:.3f})"
         axis.annotate(
             text,

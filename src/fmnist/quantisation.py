@@ -89,7 +89,12 @@ def layer_sensitivity(model: keras.Model, images: np.ndarray) -> list[dict[str, 
     quantises, which should match the exported int8 model's own figure."""
     from fmnist.deploy import probability_difference
 
+    if len(images) == 0:
+        raise ValueError("images is empty: give some test images (sensitivity_images >= 1).")
     reference = probabilities_with_rounding(model, images, {})
+    # Layer by layer is the model only for a chain of layers: a branching model would give other numbers.
+    if not np.allclose(reference, model.predict(images, batch_size=1000, verbose=0), atol=1e-4):
+        raise ValueError(f"{model.name} is not a chain of layers; the per-layer rounding check cannot follow it.")
     rows = []
     for layer in _weighted(model):
         weights = int(np.prod(layer.get_weights()[0].shape))

@@ -389,7 +389,7 @@ def quantisation_table(rows: list[dict] | None) -> pd.DataFrame:
             "test accuracy": frame["test_accuracy"].round(4),
             "probability p99": frame["probability_p99"].round(4),
             "p50 (ms)": frame["p50_ms"].round(4),
-            "size (KB)": (frame["size_bytes"] / 1024).round(0),
+            "size (KB)": (frame["size_bytes"] / 1024).round(0).astype("Int64"),
         }
     )
 
