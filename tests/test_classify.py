@@ -147,12 +147,14 @@ def test_the_quantisation_comparison_judges_each_scheme_as_served(tmp_path):
     images = rng.random((48, 28, 28, 1), dtype=np.float32)
     labels = np.arange(48) % 10
     keras_probabilities = model.predict(images, verbose=0)
-    variants = export.quantisation_variants(model, images[:16])
-    assert list(variants) == ["float32", "float16 weights", "int8 full-integer", "int8 dynamic range"]
-    files = {
-        scheme: export.write_model(content, tmp_path / f"{scheme.replace(' ', '_')}.tflite")
-        for scheme, content in variants.items()
+    exported = {
+        "float32": export.write_model(export.to_float32(model), tmp_path / "model_float32.tflite"),
+        "int8": export.write_model(export.to_int8(model), tmp_path / "model_int8.tflite"),
     }
+    files = export.quantisation_variants(model, images[:16], exported, tmp_path)
+    assert list(files) == ["float32", "float16 weights", "int8 full-integer", "int8 dynamic range"]
+    assert files["float32"] == exported["float32"] and files["int8 dynamic range"] == exported["int8"]
+    variants = {scheme: path.read_bytes() for scheme, path in files.items()}
     rows = {
         row["scheme"]: row
         for row in deploy.compare_quantisation(files, images, labels, keras_probabilities, latency_runs=10)

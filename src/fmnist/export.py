@@ -120,13 +120,19 @@ def to_full_integer_int8(model, representative_images: np.ndarray) -> bytes:
         return _convert(converter)
 
 
-def quantisation_variants(model, representative_images: np.ndarray) -> dict[str, bytes]:
-    """The model in each scheme 05_deploy compares, by name; "int8 dynamic range" is the one exported."""
+def quantisation_variants(
+    model, representative_images: np.ndarray, exported: dict[str, Path], directory: Path
+) -> dict[str, Path]:
+    """The .tflite file of each scheme 05_deploy compares, by name: ``exported``'s float32 and int8 files (the
+    stage's own exports, not converted again), and float16 and full-integer int8 written into ``directory``."""
+    directory = Path(directory)
     return {
-        "float32": to_float32(model),
-        "float16 weights": to_float16(model),
-        "int8 full-integer": to_full_integer_int8(model, representative_images),
-        "int8 dynamic range": to_int8(model),
+        "float32": Path(exported["float32"]),
+        "float16 weights": write_model(to_float16(model), directory / "float16_weights.tflite"),
+        "int8 full-integer": write_model(
+            to_full_integer_int8(model, representative_images), directory / "int8_full_integer.tflite"
+        ),
+        "int8 dynamic range": Path(exported["int8"]),
     }
 
 
