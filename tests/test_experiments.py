@@ -35,6 +35,9 @@ def test_recipe_defaults_are_the_seed_architecture_with_its_tuned_values():
         ({"stages": [1, "two"]}, "give a tuple"),
         ({"architecture": "bn_cnn", "head": "dense"}, "head='dense' is not one of gap, flatten"),
         ({"head": "flatten"}, "the seed architecture is fixed"),
+        ({"quantisation_aware_epochs": -1}, "quantisation_aware_epochs=-1 must not be negative"),
+        ({"quantisation_aware_learning_rate": 0.0}, "quantisation_aware_learning_rate=0.0 must be positive"),
+        ({"consistency_weight": -1.0}, "consistency_weight=-1.0 must not be negative"),
     ],
 )
 def test_recipe_rejects_bad_fields_with_the_fix(values, message):
@@ -257,7 +260,15 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
     def rerun():
         runs = tmp_path / "runs"
         return experiments.run_all(
-            [(recipe, 1)], runs_dir=runs, models_dir=models, progress=messages.append, x_test=images, y_test=labels
+            [(recipe, 1)],
+            runs_dir=runs,
+            models_dir=models,
+            progress=messages.append,
+            x_test=images,
+            y_test=labels,
+            x_train_full=np.concatenate([images, images]),
+            y_train_full=np.concatenate([labels, labels]),
+            validation_size=20,
         )
 
     kept, _ = rerun()
@@ -282,9 +293,18 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
         and served["int8"]["probability_difference"]["images"] == 40
     )
     assert 0 <= served["int8"]["test_accuracy"] <= 1
+    # And on the seed's validation split, which the shipping rule reads.
+    assert served["int8"]["validation_probability_difference"]["images"] == 20
+    assert served["float32"]["validation_probability_difference"]["p99"] < 1e-5
     before = (models / "tiny_int8.tflite").stat().st_mtime_ns
     rerun()
     assert "kept" in messages[-1] and (models / "tiny_int8.tflite").stat().st_mtime_ns == before  # Current now.
+    # A run of the current scheme recorded before the validation figures were gets them on the next run.
+    del rewritten["litert_served"]["int8"]["validation_probability_difference"]
+    path.write_text(json.dumps(rewritten))
+    rerun()
+    assert "re-exported" in messages[-1]
+    assert "validation_probability_difference" in json.loads(path.read_text())["litert_served"]["int8"]
 
 
 def test_a_recipe_search_only_tunes_training_fields():

@@ -222,6 +222,20 @@ def test_the_shipping_rule_takes_the_best_validation_accuracy_within_the_budgets
     assert rows["student"]["probability_p99"] == 0.02 and rows["seed"]["probability_p99"] is None
     # With a looser budget the slower, better model ships; the size limit still holds.
     assert deploy.choose_shipped(candidates, latency, "seed", ratio=2.0)["shipped"] == "slow"
+    assert choice["faithful_within_budget"] == 0 and rows["student"]["faithful"] is None
+    # Once a candidate within budget serves its Keras model's probabilities faithfully on the validation images,
+    # only the faithful ones may ship: the weaker but faithful model wins over the better one that is not.
+    candidates[1]["validation_p99"] = 0.02
+    candidates[4]["validation_p99"] = 0.008
+    candidates[2]["validation_p99"] = 0.001  # Faithful, but over budget.
+    choice = deploy.choose_shipped(candidates, latency, "seed")
+    rows = {row["name"]: row for row in choice["candidates"]}
+    assert choice["shipped"] == "weak" and choice["faithful_within_budget"] == 1
+    assert rows["student"]["reason"] == "within budget, not faithful: p99 0.0200 > 0.01"
+    assert rows["seed"]["reason"] == "within budget, not faithful: not measured > 0.01"
+    assert rows["slow"]["reason"] == "over budget: 1.60x the reference latency"
+    assert "within 0.01 of their Keras model's on the validation images" in choice["rule"]
+    assert deploy.choose_shipped(candidates, latency, "seed", tolerance=0.05)["shipped"] == "student"
     with pytest.raises(ValueError, match="reference model 'gone' is not among the candidates on disk"):
         deploy.choose_shipped(candidates, latency, "gone")
     with pytest.raises(ValueError, match="no candidate is within"):
@@ -350,7 +364,12 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
             if seed == 42:
                 run["litert_files"] = {"int8": f"{name}_int8.tflite"}
                 run["litert_sha256"] = {"int8": exported_digest}  # "swapped"'s file on disk is not this one.
-                run["litert_served"] = {"int8": {"probability_difference": {"p99": 0.02}}}
+                run["litert_served"] = {
+                    "int8": {
+                        "probability_difference": {"p99": 0.02},
+                        "validation_probability_difference": {"p99": 0.018},
+                    }
+                }
             path = experiments_dir / "runs" / name / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(run))
@@ -364,6 +383,9 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
     # How faithfully each file serves its Keras model: the study's from 05's check, a recipe's from its run.
     assert by_name["study (03_train)"]["probability_p99"] == 0.015 and by_name["good"]["probability_p99"] == 0.02
     assert by_name["swapped"]["probability_p99"] is None
+    # The rule reads the same on the validation images; the study's model has no such figure.
+    assert by_name["good"]["validation_p99"] == 0.018 and by_name["swapped"]["validation_p99"] is None
+    assert by_name["study (03_train)"]["validation_p99"] is None
     assert by_name["good"]["validation_accuracy"] == pytest.approx(0.94)  # The mean over seeds, without TTA.
     assert by_name["good"]["file"] == experiments_dir / "models" / "good_int8.tflite" and by_name["good"]["seed"] == 42
     assert by_name["swapped"]["file"] is None  # On disk, but not the file its run exported.
@@ -382,7 +404,7 @@ def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, m
     student_path.write_text(json.dumps(student_record))
     monkeypatch.setattr(experiments, "run_one", lambda *_, **__: pytest.fail("nothing needs training"))
 
-    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test):
+    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images):
         if result.get("litert_export") != "older":
             return ""
         result["litert_export"] = "newer"  # The files and their digests change; the training does not.
@@ -420,7 +442,7 @@ def test_a_student_trained_after_its_teacher_was_re_exported_is_kept_on_the_next
         experiments.write_json(experiments.run_path(runs_dir, recipe, seed), record)
         return record
 
-    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test):
+    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images):
         if result.get("litert_export") != "older":
             return ""
         result["litert_export"] = "newer"

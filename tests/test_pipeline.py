@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fmnist import results
 from fmnist.cli import main
 from fmnist.config import CLASS_NAMES, PARAMS_DIR, ArtifactLayout
 from fmnist.pipeline import StageFailed, run_chain
@@ -371,6 +372,15 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     }
     assert student["teacher"]["tflops"] > 0 and len(student["teacher"]["run_sha256"]) == 64
     assert rows["bn_cnn_student"]["teacher"] == "bn_cnn"
+    # Then one quantisation-aware epoch, counted twice in its compute, and the model it left is what was measured.
+    fine_tuning = student["quantisation_aware"]
+    assert fine_tuning["epochs"] == 1 and len(fine_tuning["history"]["consistency"]) == 1
+    assert fine_tuning["flops"] == 2 * 6 * student["multiply_adds"] * student["train_images"]
+    assert student["validation"]["accuracy"] == student["validation_tta"]["accuracy_without"]
+    assert "accuracy" in fine_tuning["validation_before"]
+    assert results.training_tflops(student) == pytest.approx(
+        student["compute"]["flops"] / 1e12 + fine_tuning["tflops"] + student["teacher"]["tflops"]
+    )
     # Every run records its compute and the machine; the throughput probe timed float32 (and bf16 where native).
     assert all(row["training_tflops_mean"] > 0 and row["achieved_gflops_mean"] > 0 for row in rows.values())
     throughput = summary["throughput"]

@@ -162,8 +162,16 @@ def test_the_shipping_block_says_how_faithfully_the_shipped_file_serves_its_mode
         "size_bytes": 110 * 1024,
         "reason": "within budget",
         "probability_p99": 0.0213,
+        "validation_p99": 0.0094,
     }
-    reference = {**candidate, "name": "seed", "architecture": "seed", "latency_ratio": 1.0, "probability_p99": None}
+    reference = {
+        **candidate,
+        "name": "seed",
+        "architecture": "seed",
+        "latency_ratio": 1.0,
+        "probability_p99": None,
+        "validation_p99": None,
+    }
     shipping = {
         "rule": "the rule",
         "reference": "seed",
@@ -172,16 +180,24 @@ def test_the_shipping_block_says_how_faithfully_the_shipped_file_serves_its_mode
         "candidates": [reference, candidate],
         "shipped": "student",
         "shipped_test_accuracy": 0.935,
+        "tolerance": 0.01,
+        "faithful_within_budget": 1,
     }
     block = report.shipping_block(shipping)
-    assert "**Ships: student**" in block and "within 0.021 of its Keras model's for 99% of the test images" in block
+    assert "**Ships: student**" in block and "within 0.0213 of its Keras model's for 99% of the test images" in block
+    assert "did not apply" not in block
     table = report.shipping_table(shipping)
-    assert table["probability p99"].tolist() == ["–", 0.021] and table["int8 size (KB)"].tolist() == [110, 110]
-    # A shipping record from before the figure existed reads as before, with an empty column.
+    assert table["p99 test"].tolist() == ["–", 0.0213] and table["int8 size (KB)"].tolist() == [110, 110]
+    assert table["p99 validation"].tolist() == ["–", 0.0094]
+    shipping["faithful_within_budget"] = 0
+    assert "the faithfulness clause of the rule did not apply" in report.shipping_block(shipping)
+    # A shipping record from before the figures existed reads as before, with empty columns.
     for row in shipping["candidates"]:
-        del row["probability_p99"]
-    assert "99%" not in report.shipping_block(shipping)
-    assert report.shipping_table(shipping)["probability p99"].tolist() == ["–", "–"]
+        del row["probability_p99"], row["validation_p99"]
+    del shipping["faithful_within_budget"]
+    block = report.shipping_block(shipping)
+    assert "99%" not in block and "did not apply" not in block
+    assert report.shipping_table(shipping)["p99 test"].tolist() == ["–", "–"]
 
 
 def test_the_latency_figure_keeps_to_one_machine_and_every_recipe_has_its_own_look():

@@ -153,6 +153,9 @@ def run_one(
         callbacks=callbacks,
         verbose=verbose,
     )
+    quantisation_aware = None
+    if recipe.quantisation_aware_epochs:
+        quantisation_aware = quantisation_aware_fine_tune(fitted.model, x_train, y_train, recipe, seed)
     validation_plain, validation_mirrored = predict(fitted.model, x_val)
     plain, mirrored = predict(fitted.model, x_test)
     result = {
@@ -168,18 +171,77 @@ def run_one(
         },
         "history": fitted.history,
         "teacher": teacher_record,
+        "quantisation_aware": quantisation_aware,
         "test": scores(y_test, mirrored if recipe.tta else plain),
         "test_without_tta": scores(y_test, plain),
         "test_with_tta": scores(y_test, mirrored),
     }
+    if quantisation_aware is not None:
+        # The model now is the fine-tuned one: its validation figures replace the training's last epoch's.
+        quantisation_aware["validation_before"] = result["validation"]
+        validation = scores(y_val, validation_plain)
+        result["validation"] = {"accuracy": validation["accuracy"], "loss": validation["loss"]}
     if export:
-        result.update(export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain))
+        result.update(
+            export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain, x_val, validation_plain)
+        )
     with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
         fitted.model.save(temporary)
     write_json(run_path(runs_dir, recipe, seed), result)
     if checkpoint_dir is not None:
         discard_checkpoint(checkpoint_dir)
     return result
+
+
+# The training images whose activations set the channel equalisation before quantisation-aware fine-tuning.
+EQUALISATION_IMAGES = 5000
+
+
+def quantisation_aware_fine_tune(
+    model: keras.Model,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    recipe: Recipe,
+    seed: int,
+) -> dict[str, Any]:
+    """The recipe's quantisation-aware epochs on a trained model (:func:`fmnist.quantisation.fine_tune`), on the
+    same training images and augmentation as its training, and their labels; what the run records of them.
+
+    The labels, not a distilled recipe's teacher targets: on seed 42's validation split, fine-tuning the
+    distilled network on its teacher's targets lost 0.3-0.5 points of accuracy, and on the labels none. Each
+    step runs the network twice (float, and as int8 serves it), so an epoch counts twice a training epoch's
+    compute.
+    """
+    import dataclasses
+
+    from fmnist import quantisation, training
+    from fmnist.model import multiply_adds
+
+    epochs = recipe.quantisation_aware_epochs
+    # First give every channel the same range, so that rounding each layer's input per image spares the weak ones.
+    equalised = quantisation.equalise_channels(model, x_train[:EQUALISATION_IMAGES])
+    batches = training.training_dataset(
+        x_train, y_train, dataclasses.replace(recipe, epochs=epochs, warmup_epochs=0), seed
+    )
+    history = quantisation.fine_tune(
+        model,
+        batches,
+        steps_per_epoch=training.steps_per_epoch(len(x_train), recipe.batch_size),
+        epochs=epochs,
+        learning_rate=recipe.quantisation_aware_learning_rate,
+        consistency_weight=recipe.consistency_weight,
+        say=lambda message: print(f"[train] {message}", file=sys.stderr, flush=True),
+    )
+    flops = 2 * 6 * multiply_adds(model) * len(x_train) * epochs
+    return {
+        "epochs": epochs,
+        "learning_rate": recipe.quantisation_aware_learning_rate,
+        "consistency_weight": recipe.consistency_weight,
+        "equalised": equalised,
+        "history": history,
+        "flops": flops,
+        "tflops": round(flops / 1e12, 3),
+    }
 
 
 def export_litert(
@@ -189,10 +251,14 @@ def export_litert(
     x_test: np.ndarray,
     y_test: np.ndarray,
     keras_probabilities: np.ndarray,
+    x_val: np.ndarray,
+    validation_probabilities: np.ndarray,
 ) -> dict[str, Any]:
     """float32 and int8 LiteRT files of a trained model (for the latency and size columns, and the shipping
-    rule), with what a run records of them: the files, their SHA-256, the export scheme, and each file's
-    test accuracy and distance from the Keras model's probabilities (``keras_probabilities``, no TTA) as served.
+    rule), with what a run records of them: the files, their SHA-256, the export scheme, and how each file
+    serves: its test accuracy and its distance from the Keras model's probabilities (no TTA) on the test
+    images (``keras_probabilities``) and on the validation images (``validation_probabilities``, which the
+    shipping rule reads).
     """
     from fmnist import deploy, export
 
@@ -200,14 +266,18 @@ def export_litert(
         "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
         "int8": export.write_model(export.to_int8(model), Path(models_dir) / f"{name}_int8.tflite"),
     }
+    served = {}
+    for kind, path in files.items():
+        served[kind] = deploy.served_figures(path, x_test, y_test, keras_probabilities)
+        served[kind]["validation_probability_difference"] = deploy.probability_agreement(
+            path, x_val, validation_probabilities
+        )
     return {
         "litert_files": {kind: path.name for kind, path in files.items()},
         # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
         "litert_sha256": {kind: file_digest(path) for kind, path in files.items()},
         "litert_export": export.EXPORT_SCHEME,
-        "litert_served": {
-            kind: deploy.served_figures(path, x_test, y_test, keras_probabilities) for kind, path in files.items()
-        },
+        "litert_served": served,
     }
 
 
@@ -219,27 +289,42 @@ def refresh_export(
     models_dir: Path,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
+    validation_images: Callable[[int], np.ndarray] | None = None,
 ) -> str | None:
-    """Re-export a kept run whose LiteRT files came from an older export scheme, when its model is on disk.
+    """Re-export a kept run whose LiteRT files came from an older export scheme, or whose record lacks how
+    they serve on the validation images, when its model is on disk.
 
     The training stays as it was; the files are rewritten, with what the run records of them (their digests,
-    the scheme and how they serve: :func:`export_litert`). Returns None when the files were written, else
-    why not ("" when there is nothing to say: the files are current, or none was exported, or none is on
-    disk to be stale).
+    the scheme and how they serve: :func:`export_litert`). ``validation_images(seed)`` gives the run's
+    validation split. Returns None when the files were written, else why not ("" when there is nothing to
+    say: the files are current, or none was exported, or none is on disk to be stale).
     """
     from fmnist import export
 
     files = (result.get("litert_files") or {}).values()
-    if result.get("litert_export") == export.EXPORT_SCHEME or not any((Path(models_dir) / f).is_file() for f in files):
+    served = ((result.get("litert_served") or {}).get("int8") or {}).get("validation_probability_difference")
+    current = result.get("litert_export") == export.EXPORT_SCHEME and served is not None
+    if current or not any((Path(models_dir) / f).is_file() for f in files):
         return ""
     model_file = model_path(models_dir, recipe.name, seed)
     if not model_file.is_file():
         return f"its model {model_file.name} is not on disk (models are not committed), but its files are"
-    if x_test is None or y_test is None:
-        return "no test images were given to measure the new files on"
+    if x_test is None or y_test is None or validation_images is None:
+        return "no test or validation images were given to measure the new files on"
     model = keras.models.load_model(model_file)
-    probabilities = model.predict(x_test, batch_size=1000, verbose=0)
-    result.update(export_litert(model, models_dir, recipe.name, x_test, y_test, probabilities))
+    x_val = validation_images(seed)
+    result.update(
+        export_litert(
+            model,
+            models_dir,
+            recipe.name,
+            x_test,
+            y_test,
+            model.predict(x_test, batch_size=1000, verbose=0),
+            x_val,
+            model.predict(x_val, batch_size=1000, verbose=0),
+        )
+    )
     write_json(run_path(runs_dir, recipe, seed), result)
     return None
 
@@ -257,6 +342,7 @@ def _keep(
     models_dir: Path,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
+    validation_images: Callable[[int], np.ndarray] | None,
     progress: Callable[[str], None],
 ) -> None:
     """Keep a stored run: point it at its teacher's rewritten run file (``re_point_teacher``, that file's
@@ -272,14 +358,35 @@ def _keep(
         result["teacher"]["run_sha256"] = re_point_teacher
         write_json(path, result)
         progress(f"{label}: its teacher's run was re-exported; the same training, so it is kept")
-    why_not = refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test) if refresh else ""
+    why_not = (
+        refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images) if refresh else ""
+    )
     if why_not is None:
-        progress(f"{label}: re-exported (new export scheme)")
+        progress(f"{label}: re-exported (new export scheme, or served figures on the validation images added)")
     elif why_not:
-        progress(f"{label}: old export scheme kept: {why_not}")
+        progress(f"{label}: old export kept: {why_not}")
     after = file_digest(path)
     if after != before:
         renamed[before] = after
+
+
+def _validation_images(data_and_settings: dict[str, Any]) -> Callable[[int], np.ndarray] | None:
+    """The validation images of a seed's split, as :func:`run_one` draws it, when the training images are given."""
+    from fmnist import data
+
+    if data_and_settings.get("x_train_full") is None or data_and_settings.get("y_train_full") is None:
+        return None
+
+    def images(seed: int) -> np.ndarray:
+        split = data.train_validation_split(
+            data_and_settings["x_train_full"],
+            data_and_settings["y_train_full"],
+            data_and_settings["validation_size"],
+            seed,
+        )
+        return split[2]
+
+    return images
 
 
 def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
@@ -339,6 +446,7 @@ def run_all(
                     models_dir=models_dir,
                     x_test=data_and_settings.get("x_test"),
                     y_test=data_and_settings.get("y_test"),
+                    validation_images=_validation_images(data_and_settings),
                     progress=progress,
                 )
                 results.append(result)

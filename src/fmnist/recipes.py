@@ -56,6 +56,12 @@ class Recipe:
     # The student trains at temperature 1 on them, so above 1 it learns to answer less confidently.
     temperature: float = 1.0
     tuned: bool = False  # Take learning_rate, batch_size and dropout_rate from the 02_tune stage's result.
+    # Quantisation-aware fine-tuning after the training (fmnist.quantisation.fine_tune): epochs of it (0: none),
+    # its constant learning rate, and the weight of the term that keeps the int8 model's probabilities on the
+    # float model's.
+    quantisation_aware_epochs: int = 0
+    quantisation_aware_learning_rate: float = 1e-4
+    consistency_weight: float = 1000.0
 
     def __post_init__(self):
         # A list from YAML and a tuple compare unequal: keep one form.
@@ -98,6 +104,14 @@ class Recipe:
         network_defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BN_CNN_FIELDS}
         if self.architecture == "seed" and any(getattr(self, k) != v for k, v in network_defaults.items()):
             problems.append("width, stages, batch_norm and head belong to bn_cnn; the seed architecture is fixed")
+        if self.quantisation_aware_epochs < 0:
+            problems.append(f"quantisation_aware_epochs={self.quantisation_aware_epochs} must not be negative")
+        if self.quantisation_aware_learning_rate <= 0:
+            problems.append(
+                f"quantisation_aware_learning_rate={self.quantisation_aware_learning_rate} must be positive"
+            )
+        if self.consistency_weight < 0:
+            problems.append(f"consistency_weight={self.consistency_weight} must not be negative")
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems) + ".")
 

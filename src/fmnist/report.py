@@ -403,11 +403,16 @@ def shipping_block(shipping: dict | None) -> str:
     reference = rows[shipping["reference"]]
     p99 = shipped.get("probability_p99")
     served = (
-        f" The probabilities it serves are within {p99:.3f} of its Keras model's for 99% of the test images "
+        f" The probabilities it serves are within {p99:.4f} of its Keras model's for 99% of the test images "
         "(the largest per-class difference per image)."
         if p99 is not None
         else ""
     )
+    if "faithful_within_budget" in shipping and not shipping["faithful_within_budget"]:
+        served += (
+            f" No candidate within budget serves within {shipping['tolerance']} of its Keras model on the "
+            "validation images, so the faithfulness clause of the rule did not apply."
+        )
     return (
         f"**Rule:** {shipping['rule']}. The reference, {reference['name']}, answers in "
         f"{shipping['reference_p50_ms']:.3f} ms, so the budget is {shipping['budget_ms']:.3f} ms.\n\n"
@@ -420,7 +425,9 @@ def shipping_block(shipping: dict | None) -> str:
 
 
 def shipping_table(shipping: dict | None) -> pd.DataFrame:
-    """Every candidate of the shipping rule; a figure a candidate has not (no file on disk) reads "–"."""
+    """Every candidate of the shipping rule; a figure a candidate has not (no file on disk) reads "–". "p99" is
+    how far its int8 file's probabilities are from its Keras model's (99th percentile of the largest
+    per-class difference) on the validation images, which the rule reads, and on the test images."""
     if not shipping:
         return pd.DataFrame()
     frame = pd.DataFrame(shipping["candidates"]).set_index("name")
@@ -431,7 +438,8 @@ def shipping_table(shipping: dict | None) -> pd.DataFrame:
             "int8 p50 (ms)": frame["p50_ms"].astype(float).round(3),
             "x reference": frame["latency_ratio"].astype(float).round(2),
             "int8 size (KB)": (frame["size_bytes"].astype(float) / 1024).round(0).astype("Int64"),
-            "probability p99": frame.get("probability_p99", pd.Series(None, index=frame.index)).astype(float).round(3),
+            "p99 validation": frame.get("validation_p99", pd.Series(None, index=frame.index)).astype(float).round(4),
+            "p99 test": frame.get("probability_p99", pd.Series(None, index=frame.index)).astype(float).round(4),
             "verdict": frame["reason"],
         }
     )
@@ -500,9 +508,10 @@ def experiments_code_note(layout: ArtifactLayout) -> str:
     listing = ", ".join(f"{name} ({count})" for name, count in earlier.items())
     return (
         f"**Caveat: {sum(earlier.values())} of {total} stored runs were trained by an earlier version of the "
-        f"training path** (before the seeded, stateless input pipeline of this code): {listing}. They are kept "
-        "because their recipes are unchanged, so their figures are not reproduced bit for bit by this code; "
-        "delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
+        f"training path**: {listing}. They are kept because their recipes are unchanged. The version is a digest "
+        "of the training path's code, so any edit to it counts, including one that changes nothing these recipes "
+        "compute (a new recipe field, say): this code may not reproduce their figures bit for bit. Delete "
+        "`experiments/runs/<recipe>/` and run `make experiments` to retrain them."
     )
 
 

@@ -82,14 +82,16 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
 
 
 def training_tflops(run: dict[str, Any]) -> float:
-    """A run's training compute in TFLOP: multiply-adds x 6 x training images seen (with its teacher's, if any)."""
+    """A run's training compute in TFLOP: multiply-adds x 6 x training images seen, with its quantisation-aware
+    fine-tuning's and its teacher's, if any."""
     own = (
         run["compute"]["flops"]
         if run.get("compute")
         else 6 * run["multiply_adds"] * run["train_images"] * run["epochs_run"]
     )
+    fine_tuning = (run.get("quantisation_aware") or {}).get("tflops") or 0.0
     # A distilled run also cost its teacher's training and predictions.
-    return own / 1e12 + ((run.get("teacher") or {}).get("tflops") or 0.0)
+    return own / 1e12 + fine_tuning + ((run.get("teacher") or {}).get("tflops") or 0.0)
 
 
 def ablation_rows(results: list[dict[str, Any]], base: str, ablations: list[Recipe]) -> list[dict[str, Any]]:
