@@ -231,8 +231,11 @@ def test_the_shipping_rule_takes_the_best_validation_accuracy_within_the_budgets
     choice = deploy.choose_shipped(candidates, latency, "seed")
     rows = {row["name"]: row for row in choice["candidates"]}
     assert choice["shipped"] == "weak" and choice["faithful_within_budget"] == 1
-    assert rows["student"]["reason"] == "within budget, not faithful: p99 0.0200 > 0.01"
-    assert rows["seed"]["reason"] == "within budget, not faithful: not measured > 0.01"
+    assert rows["student"]["reason"] == "within budget, not faithful: validation p99 0.0200 > 0.01"
+    assert (
+        rows["seed"]["reason"]
+        == "within budget, but its validation p99 was not measured (faithful models are preferred)"
+    )
     assert rows["slow"]["reason"] == "over budget: 1.60x the reference latency"
     assert "within 0.01 of their Keras model's on the validation images" in choice["rule"]
     assert deploy.choose_shipped(candidates, latency, "seed", tolerance=0.05)["shipped"] == "student"

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -377,7 +378,13 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     assert fine_tuning["epochs"] == 1 and len(fine_tuning["history"]["consistency"]) == 1
     assert fine_tuning["flops"] == 2 * 6 * student["multiply_adds"] * student["train_images"]
     assert student["validation"]["accuracy"] == student["validation_tta"]["accuracy_without"]
-    assert "accuracy" in fine_tuning["validation_before"]
+    assert results.training_seconds(student) > student["train_seconds"]
+    from fmnist import quantisation, training
+
+    saved = training.load_model(layout.experiment_models / "bn_cnn_student_seed7.keras")
+    for name in quantisation.quantised_layers(saved):  # Saved as fine-tuned: its int8 weights on their grid.
+        kernel = np.asarray(saved.get_layer(name).kernel)
+        np.testing.assert_array_equal(quantisation.round_per_channel(kernel), kernel)
     assert results.training_tflops(student) == pytest.approx(
         student["compute"]["flops"] / 1e12 + fine_tuning["tflops"] + student["teacher"]["tflops"]
     )

@@ -296,9 +296,9 @@ def choose_shipped(
     for row in eligible:
         if faithful and not row["faithful"]:
             row["reason"] = (
-                "within budget, not faithful: "
-                + ("not measured" if row["validation_p99"] is None else f"p99 {row['validation_p99']:.4f}")
-                + f" > {tolerance}"
+                "within budget, but its validation p99 was not measured (faithful models are preferred)"
+                if row["validation_p99"] is None
+                else f"within budget, not faithful: validation p99 {row['validation_p99']:.4f} > {tolerance}"
             )
     shipped = max(faithful or eligible, key=lambda row: row["validation_accuracy"])
     return {

@@ -173,16 +173,19 @@ def equalise_channels(model: keras.Model, images: np.ndarray, percentile: float 
             continue
         between = []
         for following in chain[position + 1 :]:
-            if isinstance(following, layers.ReLU | layers.MaxPooling2D):
+            if _plain_relu(following) or isinstance(following, layers.MaxPooling2D):
                 between.append(following)
                 continue
             break
         else:
             continue
-        if not isinstance(following, layers.Conv2D) or not between:
+        # Only a plain ReLU and max pooling commute with a positive scale, and the ReLU makes the values >= 0.
+        if not isinstance(following, layers.Conv2D) or not any(_plain_relu(layer) for layer in between):
             continue
         outputs = keras.Model(model.inputs, between[-1].output).predict(images, batch_size=1000, verbose=0)
         ranges = np.percentile(outputs.reshape(-1, outputs.shape[-1]), percentile, axis=0)
+        if ranges.max() <= 0:
+            continue  # Every channel is silent on these images: nothing to equalise.
         scale = ranges.max() / np.maximum(ranges, 1e-3 * ranges.max())
         gamma, beta, mean, variance = layer.get_weights()
         layer.set_weights([gamma * scale, beta * scale, mean, variance])
@@ -190,6 +193,15 @@ def equalise_channels(model: keras.Model, images: np.ndarray, percentile: float 
         following.set_weights([kernel / scale[np.newaxis, np.newaxis, :, np.newaxis], *rest])
         equalised.append(following.name)
     return equalised
+
+
+def _plain_relu(layer: layers.Layer) -> bool:
+    return (
+        isinstance(layer, layers.ReLU)
+        and layer.max_value is None
+        and not float(layer.threshold)
+        and not float(layer.negative_slope)
+    )
 
 
 def snap_weights(model: keras.Model) -> None:
@@ -217,7 +229,7 @@ def fine_tune(
     teacher's probabilities), plus ``consistency_weight`` times the KL divergence of the second from the
     first. Gradients pass straight through the rounding. The learning rate decays from ``learning_rate`` to
     0 along a cosine. Batch normalisation stays in inference mode (its statistics fixed, so the converter
-    folds it exactly); the kernels, the last layer's bias and batch normalisation's gamma and beta train,
+    folds it exactly); the kernels, the biases and batch normalisation's gamma and beta train,
     so the network can also rescale its channels. At the end every quantised kernel is snapped to its
     int8 grid, so the export rounds nothing more in the weights: what differs between the float model and
     its int8 file is only the inputs' rounding, which the second term trained the model to shrug off.

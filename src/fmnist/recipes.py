@@ -57,8 +57,8 @@ class Recipe:
     temperature: float = 1.0
     tuned: bool = False  # Take learning_rate, batch_size and dropout_rate from the 02_tune stage's result.
     # Quantisation-aware fine-tuning after the training (fmnist.quantisation.fine_tune): epochs of it (0: none),
-    # its constant learning rate, and the weight of the term that keeps the int8 model's probabilities on the
-    # float model's.
+    # its learning rate (decayed to 0 along a cosine), and the weight of the term that keeps the int8 model's
+    # probabilities on the float model's.
     quantisation_aware_epochs: int = 0
     quantisation_aware_learning_rate: float = 1e-4
     consistency_weight: float = 1000.0
