@@ -429,3 +429,33 @@ def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
     assert "1 of 2 stored runs were trained by an earlier version" in note and "old (1)" in note
     (layout.experiment_runs / "old" / "seed1.json").unlink()
     assert experiments_code_note(layout) == ""
+    # A run fine-tuned for int8 by other fine-tuning code is named too; one by this code is not.
+    from fmnist.quantisation import fine_tuning_code_version
+
+    path = layout.experiment_runs / "new" / "seed1.json"
+    path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": "older"}}))
+    assert "1 stored runs were fine-tuned for int8 by an earlier version" in experiments_code_note(layout)
+    path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": fine_tuning_code_version()}}))
+    assert experiments_code_note(layout) == ""
+
+
+def test_a_recipe_with_nothing_to_fine_tune_for_int8_fails_before_it_trains(tmp_path, monkeypatch):
+    recipe = Recipe.from_params(
+        "tiny", {"architecture": "bn_cnn", "width": 2, "head": "gap", "quantisation_aware_epochs": 1}
+    )
+    monkeypatch.setattr(experiments, "fit", lambda *_, **__: pytest.fail("trained before refusing"))
+    images = np.zeros((20, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(20) % 10
+    with pytest.raises(ValueError, match="no layer that dynamic-range int8 quantises"):
+        experiments.run_one(
+            recipe,
+            1,
+            x_train_full=images,
+            y_train_full=labels,
+            x_test=images,
+            y_test=labels,
+            validation_size=10,
+            train_subset=0,
+            runs_dir=tmp_path / "runs",
+            models_dir=tmp_path / "models",
+        )

@@ -374,12 +374,14 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     assert student["teacher"]["tflops"] > 0 and len(student["teacher"]["run_sha256"]) == 64
     assert rows["bn_cnn_student"]["teacher"] == "bn_cnn"
     # Then one quantisation-aware epoch, counted twice in its compute, and the model it left is what was measured.
+    from fmnist import quantisation, training
+
     fine_tuning = student["quantisation_aware"]
     assert fine_tuning["epochs"] == 1 and len(fine_tuning["history"]["consistency"]) == 1
+    assert fine_tuning["code"] == quantisation.fine_tuning_code_version()
     assert fine_tuning["flops"] == 2 * 6 * student["multiply_adds"] * student["train_images"]
     assert student["validation"]["accuracy"] == student["validation_tta"]["accuracy_without"]
     assert results.training_seconds(student) > student["train_seconds"]
-    from fmnist import quantisation, training
 
     saved = training.load_model(layout.experiment_models / "bn_cnn_student_seed7.keras")
     for name in quantisation.quantised_layers(saved):  # Saved as fine-tuned: its int8 weights on their grid.

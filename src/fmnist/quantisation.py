@@ -296,3 +296,24 @@ def fine_tune(
         )
     snap_weights(model)
     return history
+
+
+def fine_tuning_code_version() -> str:
+    """A digest of the code that decides what quantisation-aware fine-tuning computes: a run records it, and
+    the report names runs that an earlier version fine-tuned (kept while their recipe is unchanged)."""
+    from fmnist import experiments
+    from fmnist.training import code_digest
+
+    return code_digest(
+        [
+            fake_quantise_per_image,
+            fake_quantise_per_channel,
+            quantised_layers,
+            logits_with_rounding,
+            equalise_channels,
+            _plain_relu,
+            snap_weights,
+            fine_tune,
+            experiments.quantisation_aware_fine_tune,
+        ]
+    )

@@ -493,26 +493,39 @@ def compute_block(summary: dict | None) -> str:
 
 
 def experiments_code_note(layout: ArtifactLayout) -> str:
-    """Which stored experiment runs an earlier training path produced (kept while their recipe is unchanged)."""
+    """Which stored experiment runs an earlier training path, or earlier fine-tuning code, produced (kept while
+    their recipe is unchanged)."""
+    from fmnist.quantisation import fine_tuning_code_version
     from fmnist.training import training_code_version
 
-    current = training_code_version()
+    current, fine_tuning = training_code_version(), fine_tuning_code_version()
     earlier: dict[str, int] = {}
+    fine_tuned: dict[str, int] = {}
     total = 0
     for path in sorted(layout.experiment_runs.glob("*/seed*.json")):
         total += 1
-        if read_json(path).get("training_code") != current:
+        run = read_json(path)
+        if run.get("training_code") != current:
             earlier[path.parent.name] = earlier.get(path.parent.name, 0) + 1
-    if not earlier:
-        return ""
-    listing = ", ".join(f"{name} ({count})" for name, count in earlier.items())
-    return (
-        f"**Caveat: {sum(earlier.values())} of {total} stored runs were trained by an earlier version of the "
-        f"training path**: {listing}. They are kept because their recipes are unchanged. The version is a digest "
-        "of the training path's code, so any edit to it counts, including one that changes nothing these recipes "
-        "compute (a new recipe field, say): this code may not reproduce their figures bit for bit. Delete "
-        "`experiments/runs/<recipe>/` and run `make experiments` to retrain them."
-    )
+        if run.get("quantisation_aware") and run["quantisation_aware"].get("code") != fine_tuning:
+            fine_tuned[path.parent.name] = fine_tuned.get(path.parent.name, 0) + 1
+    notes = []
+    if earlier:
+        listing = ", ".join(f"{name} ({count})" for name, count in earlier.items())
+        notes.append(
+            f"**Caveat: {sum(earlier.values())} of {total} stored runs were trained by an earlier version of the "
+            f"training path**: {listing}. They are kept because their recipes are unchanged. The version is a "
+            "digest of the training path's code, so any edit to it counts, including one that changes nothing "
+            "these recipes compute (a new recipe field, say): this code may not reproduce their figures bit for "
+            "bit. Delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
+        )
+    if fine_tuned:
+        listing = ", ".join(f"{name} ({count})" for name, count in fine_tuned.items())
+        notes.append(
+            f"**{sum(fine_tuned.values())} stored runs were fine-tuned for int8 by an earlier version of the "
+            f"fine-tuning code** (or before it was recorded): {listing}. They are kept for the same reason."
+        )
+    return "\n\n".join(notes)
 
 
 def experiments_block(summary: dict | None) -> str:
