@@ -120,12 +120,11 @@ def run_one(
         from fmnist import quantisation
         from fmnist.model import build_network
 
+        # Refuse before the training, not after it.
         network = build_network(recipe.architecture, dropout_rate=recipe.dropout_rate, **recipe.network_options())
-        if not quantisation.quantised_layers(network):
-            raise ValueError(
-                f"recipe {recipe.name!r}: quantisation_aware_epochs={recipe.quantisation_aware_epochs}, but its "
-                "network has no layer that dynamic-range int8 quantises (none with 1,024 weights or more); set it to 0."
-            )
+        quantisation.require_quantised_layers(
+            network, f"recipe {recipe.name!r} (quantisation_aware_epochs={recipe.quantisation_aware_epochs})"
+        )
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
     targets = y_train

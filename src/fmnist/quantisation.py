@@ -1,10 +1,12 @@
-"""Where int8 rounding costs a model its fidelity: each layer's rounding simulated alone, in float32.
+"""Dynamic-range int8 rounding, simulated in float32: where it costs a model its fidelity, and training
+through it so that it costs less.
 
 ``fmnist.export.to_int8`` writes dynamic-range int8: every Conv2D or Dense with at least
 ``DYNAMIC_MIN_WEIGHTS`` weights stores them as int8 (one symmetric scale per output channel), and its input
 is quantised per image (one asymmetric scale over the whole image) as the model runs. This module rounds
-the same way in NumPy, one layer at a time, and measures how far the model's probabilities move: the part
-of the served int8 model's error that each layer's weights and inputs make.
+the same way (``keras.ops``, with gradients passing straight through), one layer at a time to measure how
+far each layer's weights and inputs move the model's probabilities (:func:`layer_sensitivity`), or all
+together while fine-tuning the model to serve in int8 what it computes in float (:func:`fine_tune`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ def _weighted(model: keras.Model) -> list[layers.Layer]:
 def quantised_layers(model: keras.Model) -> list[str]:
     """The Conv2D and Dense layers whose weights dynamic-range int8 stores as int8 (and whose inputs it rounds)."""
     return [layer.name for layer in _weighted(model) if int(np.prod(layer.kernel.shape)) >= DYNAMIC_MIN_WEIGHTS]
+
+
+def require_quantised_layers(model: keras.Model, what: str) -> list[str]:
+    """:func:`quantised_layers`, refusing a model that has none (``what`` names it in the message)."""
+    quantised = quantised_layers(model)
+    if not quantised:
+        raise ValueError(
+            f"{what}: the network has no layer that dynamic-range int8 quantises (none with "
+            f"{DYNAMIC_MIN_WEIGHTS:,} weights or more), so there is nothing to fine-tune for int8: set the "
+            "recipe's quantisation_aware_epochs to 0."
+        )
+    return quantised
 
 
 def logits_with_rounding(model: keras.Model, images, rounded: dict[str, str]):
@@ -133,10 +147,11 @@ def layer_sensitivity(model: keras.Model, images: np.ndarray) -> list[dict[str, 
     # Layer by layer is the model only for a chain of layers: a branching model would give other numbers.
     if not np.allclose(reference, model.predict(images, batch_size=1000, verbose=0), atol=1e-4):
         raise ValueError(f"{model.name} is not a chain of layers; the per-layer rounding check cannot follow it.")
+    quantised = quantised_layers(model)
     rows = []
     for layer in _weighted(model):
         weights = int(np.prod(layer.get_weights()[0].shape))
-        row = {"layer": layer.name, "weights": weights, "quantised": layer.name in quantised_layers(model)}
+        row = {"layer": layer.name, "weights": weights, "quantised": layer.name in quantised}
         for what in ("weights", "inputs", "both"):
             moved = probabilities_with_rounding(model, images, {layer.name: what})
             row[f"p99_{what}"] = probability_difference(moved, reference)["p99"]
@@ -244,9 +259,7 @@ def fine_tune(
 
     if epochs < 1 or steps_per_epoch < 1:
         raise ValueError(f"epochs={epochs}, steps_per_epoch={steps_per_epoch}: both must be at least 1.")
-    quantised = quantised_layers(model)
-    if not quantised:
-        raise ValueError(f"{model.name} has no layer that dynamic-range int8 quantises; there is nothing to fine-tune.")
+    quantised = require_quantised_layers(model, model.name)
     float_model = dict.fromkeys(quantised, "weights")
     served = dict.fromkeys(quantised, "both")
     weighted = _weighted(model)
@@ -309,6 +322,7 @@ def fine_tuning_code_version() -> str:
             fake_quantise_per_image,
             fake_quantise_per_channel,
             quantised_layers,
+            require_quantised_layers,
             logits_with_rounding,
             equalise_channels,
             _plain_relu,
