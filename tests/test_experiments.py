@@ -213,6 +213,9 @@ def test_ablation_rows_compare_on_shared_seeds_and_toggle_tta():
         _fake_run("full", 2, 0.99, 0.05, tta=True, horizontal_flip=True),  # Not an ablation seed: ignored.
         _fake_run("full_no_flip", 1, 0.92, 0.27, tta=True),
     ]
+    # The base ran before these fields existed: they held their defaults, which the ablation keeps.
+    for field in ("separable_stages", "quantisation_aware_epochs", "consistency_weight"):
+        del runs[0]["recipe"][field]
     ablations = [Recipe.from_params("full_no_flip", {"tta": True})]
     rows = results.ablation_rows(runs, "full", ablations)
     assert [row["change"] for row in rows] == ["none (the full recipe)", "TTA removed", "horizontal_flip=False"]

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fmnist import results
+from fmnist import pipeline, results, runs
 from fmnist.cli import main
 from fmnist.config import CLASS_NAMES, PARAMS_DIR, ArtifactLayout
 from fmnist.pipeline import StageFailed, run_chain
@@ -456,7 +456,7 @@ def test_stages_from_another_profile_are_reported_as_mixed(smoke_run, tmp_path):
     assert len(problems) == 1 and problems[0].startswith("stages come from different params profiles (params: 01_eda;")
 
 
-def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(smoke_run, tmp_path):
+def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(smoke_run, tmp_path, monkeypatch):
     _, reference = smoke_run
     out = tmp_path / "out"
     # As a fresh clone has it: the TensorBoard logs are git-ignored, and no stage reruns for them.
@@ -481,10 +481,28 @@ def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(s
         stage_manifest.write_text(json.dumps(content))
     manifest["params_profile"] = str(profile)
     (out / "manifest.json").write_text(json.dumps(manifest))
+    # Someone edits the code while 04 runs: its record must name the code it ran, so the next run reruns it.
+    real_digests, real_execute, real_write = runs.code_digests, pipeline.execute_stage, runs.write_record
+
+    def execute_then_edit(stage, *args, **kwargs):
+        seconds = real_execute(stage, *args, **kwargs)
+        if stage == "04_evaluate":
+            monkeypatch.setattr(runs, "code_digests", lambda modules: dict.fromkeys(modules, "edited meanwhile"))
+        return seconds
+
+    def write_then_restore(*args, **kwargs):
+        real_write(*args, **kwargs)
+        monkeypatch.setattr(runs, "code_digests", real_digests)
+
+    monkeypatch.setattr(pipeline, "execute_stage", execute_then_edit)
+    monkeypatch.setattr(runs, "write_record", write_then_restore)
     changed = run_chain(profile, out, echo="none")
     assert list(changed.stage_seconds) == ["04_evaluate", "report"]
     assert changed.kept == ["01_eda", "02_tune", "03_train", "05_deploy"]
-    assert json.loads((out / "manifests" / "04_evaluate.json").read_text())["parameters"]["misclassified_examples"] == 4
+    evaluated = json.loads((out / "manifests" / "04_evaluate.json").read_text())
+    assert evaluated["parameters"]["misclassified_examples"] == 4
+    assert evaluated["run"]["code"] == real_digests(evaluated["code_modules"])
+    assert "fmnist.evaluation" in evaluated["run"]["code"]
 
 
 # In the page: every heading with what follows it up to the next heading, as a person reads the document.

@@ -143,3 +143,60 @@ def test_equalising_the_channels_changes_nothing_the_float_model_computes():
     ranges = np.percentile(feeding.reshape(-1, feeding.shape[-1]), 99.99, axis=0)
     live = ranges > 1e-3 * ranges.max()
     np.testing.assert_allclose(ranges[live], ranges.max(), rtol=1e-3)
+
+
+def test_a_separable_first_convolution_stays_float_and_the_simulation_still_matches_the_export(tmp_path):
+    from keras import layers
+
+    from fmnist.model import multiply_adds
+    from fmnist.recipes import Recipe
+
+    model = build_network("bn_cnn", width=8, stages=(1, 1, 1), head="flatten", separable_stages=(2,))
+    separable = model.get_layer("stage2_conv1")
+    assert isinstance(separable, layers.SeparableConv2D)
+    # 3x3 per channel of 8 inputs, then 8 x 16 across them, on the 14x14 map.
+    plain = build_network("bn_cnn", width=8, stages=(1, 1, 1), head="flatten")
+    saved = 14 * 14 * (9 * 8 * 16 - (9 * 8 + 8 * 16))
+    assert multiply_adds(plain) - multiply_adds(model) == saved
+    # Stage 2's first convolution is no longer rounded; stage 3's still is.
+    assert quantisation.quantised_layers(model) == ["stage3_conv1", "probabilities"]
+    images = np.random.default_rng(4).random((200, 28, 28, 1), dtype=np.float32)
+    reference = quantisation.probabilities_with_rounding(model, images, {})
+    np.testing.assert_allclose(reference, model.predict(images, verbose=0), atol=1e-5)
+    simulated = quantisation.probabilities_with_rounding(
+        model, images, dict.fromkeys(quantisation.quantised_layers(model), "both")
+    )
+    path = export.write_model(export.to_int8(model), tmp_path / "int8.tflite")
+    served = deploy.litert_probabilities(path, images)
+    # The other layers are still rounded, and the simulation rounds them as the file does.
+    rounding = deploy.probability_difference(served, reference)["p99"]
+    assert rounding > 0
+    assert deploy.probability_difference(served, simulated)["p99"] < 0.1 * rounding
+    # Equalisation passes over the separable convolution (its input is not rounded) to the next one, and the
+    # fine-tuning keeps the float layer's weights: only the rounded layers and batch normalisation train.
+    import tensorflow as tf
+
+    assert quantisation.equalise_channels(model, images) == ["stage3_conv1"]
+    before = [weight.copy() for weight in separable.get_weights()]
+    gamma = model.get_layer("stage2_conv1_bn").gamma.numpy().copy()
+    targets = np.eye(10, dtype=np.float32)[np.arange(200) % 10]
+    batches = tf.data.Dataset.from_tensor_slices((images, targets)).batch(50).repeat()
+    quantisation.fine_tune(
+        model, batches, steps_per_epoch=2, epochs=1, learning_rate=1e-3, consistency_weight=10.0, say=lambda _: None
+    )
+    for kept, weight in zip(before, separable.get_weights(), strict=True):
+        np.testing.assert_array_equal(kept, weight)
+    assert not np.allclose(model.get_layer("stage2_conv1_bn").gamma.numpy(), gamma)
+    # A separable convolution whose kernels int8 would quantise is refused, not simulated wrongly.
+    wide = build_network("bn_cnn", width=32, stages=(1, 1, 1), head="flatten", separable_stages=(2,))
+    with pytest.raises(ValueError, match="stage2_conv1 has a kernel of 1,024 weights or more"):
+        quantisation.quantised_layers(wide)
+    with pytest.raises(ValueError, match="separable_stages=\\[1\\] must name distinct stages from 2 to 3"):
+        Recipe(name="bad", architecture="bn_cnn", separable_stages=(1,))
+    with pytest.raises(ValueError, match="separable_stages=\\[2, 2\\]"):
+        Recipe(name="bad", architecture="bn_cnn", separable_stages=[2, 2])
+    with pytest.raises(ValueError, match="belong to bn_cnn"):
+        Recipe(name="bad", separable_stages=(2,))
+    assert Recipe.from_params("ok", {"architecture": "bn_cnn", "separable_stages": [2]}).as_dict()[
+        "separable_stages"
+    ] == [2]

@@ -47,6 +47,7 @@ def bn_cnn_network(
     stages: tuple[int, ...] = (1, 1, 2),
     batch_norm: bool = True,
     head: str = "gap",
+    separable_stages: tuple[int, ...] = (),
 ) -> keras.Model:
     """A compact VGG-style CNN sized for a CPU.
 
@@ -57,6 +58,10 @@ def bn_cnn_network(
     average pooling) keeps the parameter count small; the "flatten" head feeds
     every position of the last feature map to the softmax, as the seed's
     network does, without the seed's large hidden dense layer.
+
+    The first convolution of each stage in ``separable_stages`` is depthwise-separable (a 3x3 filter per
+    input channel, then a 1x1 convolution across them). Small enough (under 1,024 weights in each part), it
+    stays in float32 in the dynamic-range int8 export, so its input is not rounded.
     """
     _check_rates(dropout_rate)
     if width < 1 or not stages or min(stages) < 1:
@@ -67,7 +72,8 @@ def bn_cnn_network(
         filters = width * 2 ** (stage - 1)
         for index in range(1, convolutions + 1):
             name = f"stage{stage}_conv{index}"
-            features = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=name)(features)
+            convolution = layers.SeparableConv2D if index == 1 and stage in separable_stages else layers.Conv2D
+            features = convolution(filters, 3, padding="same", use_bias=not batch_norm, name=name)(features)
             if batch_norm:
                 # Momentum 0.9, not Keras' 0.99: the moving statistics used at inference must settle
                 # within the few hundred steps of a short run or a search trial.
@@ -87,7 +93,8 @@ def bn_cnn_network(
 
 
 def build_network(architecture: str = "seed", *, dropout_rate: float = 0.5, **options) -> keras.Model:
-    """One of ``ARCHITECTURES``, uncompiled; ``options`` go to the bn_cnn family (width, stages, batch_norm, head)."""
+    """One of ``ARCHITECTURES``, uncompiled; ``options`` go to the bn_cnn family (width, stages, batch_norm, head,
+    separable_stages: ``Recipe`` checks them)."""
     if architecture == "seed":
         if options:
             raise ValueError(f"the seed architecture is fixed; it takes no {sorted(options)}.")
@@ -116,10 +123,14 @@ def float32_copy(model: keras.Model) -> keras.Model:
 
 
 def multiply_adds(model: keras.Model) -> int:
-    """Multiply-adds of one forward pass through the Conv2D and Dense layers (the model's cost)."""
+    """Multiply-adds of one forward pass through the Conv2D, SeparableConv2D and Dense layers (the model's cost)."""
     total = 0
     for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
+        if isinstance(layer, layers.SeparableConv2D):
+            kernel_h, kernel_w, channels_in, _ = layer.depthwise_kernel.shape
+            _, height, width, channels_out = layer.output.shape
+            total += height * width * channels_in * (kernel_h * kernel_w + channels_out)
+        elif isinstance(layer, layers.Conv2D):
             kernel_h, kernel_w, channels_in, channels_out = layer.kernel.shape
             _, height, width, _ = layer.output.shape
             total += height * width * channels_out * kernel_h * kernel_w * channels_in

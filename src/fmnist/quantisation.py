@@ -64,7 +64,23 @@ def _weighted(model: keras.Model) -> list[layers.Layer]:
 
 
 def quantised_layers(model: keras.Model) -> list[str]:
-    """The Conv2D and Dense layers whose weights dynamic-range int8 stores as int8 (and whose inputs it rounds)."""
+    """The Conv2D and Dense layers whose weights dynamic-range int8 stores as int8 (and whose inputs it rounds).
+
+    A SeparableConv2D runs in float32 (as any other layer here) only while both of its kernels stay under
+    ``DYNAMIC_MIN_WEIGHTS``; a larger one is refused, since its rounding inside the layer is not simulated.
+    """
+    for layer in model.layers:
+        if (
+            isinstance(layer, layers.SeparableConv2D)
+            and max(int(np.prod(layer.depthwise_kernel.shape)), int(np.prod(layer.pointwise_kernel.shape)))
+            >= DYNAMIC_MIN_WEIGHTS
+        ):
+            raise ValueError(
+                f"{model.name}: the separable convolution {layer.name} has a kernel of {DYNAMIC_MIN_WEIGHTS:,} "
+                "weights or more, which int8 would quantise inside the layer, and that is not simulated here: "
+                "make it separable only where its input and output channels multiply to fewer than "
+                f"{DYNAMIC_MIN_WEIGHTS:,} (a narrower stage), or use a plain convolution there."
+            )
     return [layer.name for layer in _weighted(model) if int(np.prod(layer.kernel.shape)) >= DYNAMIC_MIN_WEIGHTS]
 
 
@@ -244,8 +260,9 @@ def fine_tune(
     teacher's probabilities), plus ``consistency_weight`` times the KL divergence of the second from the
     first. Gradients pass straight through the rounding. The learning rate decays from ``learning_rate`` to
     0 along a cosine. Batch normalisation stays in inference mode (its statistics fixed, so the converter
-    folds it exactly); the kernels, the biases and batch normalisation's gamma and beta train,
-    so the network can also rescale its channels. At the end every quantised kernel is snapped to its
+    folds it exactly); the Conv2D and Dense kernels and biases and batch normalisation's gamma and beta train,
+    so the network can also rescale its channels. A SeparableConv2D (float32 in the int8 file: nothing of it
+    is rounded) keeps its weights. At the end every quantised kernel is snapped to its
     int8 grid, so the export rounds nothing more in the weights: what differs between the float model and
     its int8 file is only the inputs' rounding, which the second term trained the model to shrug off.
 

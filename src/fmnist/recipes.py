@@ -21,7 +21,7 @@ OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("auto", "float32", "bfloat16")
 # The network families of fmnist.model, and the fields only bn_cnn takes.
 ARCHITECTURES = ("seed", "bn_cnn")
-BN_CNN_FIELDS = ("width", "stages", "batch_norm", "head")
+BN_CNN_FIELDS = ("width", "stages", "batch_norm", "head", "separable_stages")
 HEADS = ("gap", "flatten")
 
 
@@ -35,6 +35,8 @@ class Recipe:
     stages: tuple[int, ...] = (1, 1, 2)  # bn_cnn: convolutions per resolution (28, 14, 7 pixels).
     batch_norm: bool = True  # bn_cnn: batch normalisation after every convolution.
     head: str = "gap"  # bn_cnn: "gap" (global average pooling) or "flatten" (keeps where the features are).
+    # bn_cnn: the stages (numbered from 1; not the first) whose first convolution is depthwise-separable.
+    separable_stages: tuple[int, ...] = ()
     learning_rate: float = SEED_HYPERPARAMETERS["learning_rate"]
     batch_size: int = SEED_HYPERPARAMETERS["batch_size"]
     dropout_rate: float = SEED_HYPERPARAMETERS["dropout_rate"]
@@ -66,6 +68,7 @@ class Recipe:
     def __post_init__(self):
         # A list from YAML and a tuple compare unequal: keep one form.
         object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "separable_stages", tuple(self.separable_stages))
         problems = []
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -101,9 +104,18 @@ class Recipe:
             problems.append(f"erasing={self.erasing} must be a probability")
         if not 0 <= self.shift_pixels < 14:
             problems.append(f"shift_pixels={self.shift_pixels} must be between 0 and 13")
+        if len(set(self.separable_stages)) != len(self.separable_stages) or not all(
+            2 <= stage <= len(self.stages) for stage in self.separable_stages
+        ):
+            problems.append(
+                f"separable_stages={list(self.separable_stages)} must name distinct stages from 2 to "
+                f"{len(self.stages)} (stage 1 sees the one-channel image, where a separable convolution saves nothing)"
+            )
         network_defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BN_CNN_FIELDS}
         if self.architecture == "seed" and any(getattr(self, k) != v for k, v in network_defaults.items()):
-            problems.append("width, stages, batch_norm and head belong to bn_cnn; the seed architecture is fixed")
+            problems.append(
+                "width, stages, batch_norm, head and separable_stages belong to bn_cnn; the seed architecture is fixed"
+            )
         if self.quantisation_aware_epochs < 0:
             problems.append(f"quantisation_aware_epochs={self.quantisation_aware_epochs} must not be negative")
         if self.quantisation_aware_learning_rate <= 0:
@@ -131,7 +143,9 @@ class Recipe:
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        values["stages"] = list(self.stages)  # As JSON stores it, so stored runs compare equal.
+        # As JSON stores them, so stored runs compare equal.
+        values["stages"] = list(self.stages)
+        values["separable_stages"] = list(self.separable_stages)
         return values
 
     @classmethod

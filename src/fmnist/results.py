@@ -116,7 +116,8 @@ def ablation_rows(results: list[dict[str, Any]], base: str, ablations: list[Reci
     rows = [row(base, "none (the full recipe)", base_runs)]
     toggled = "test_without_tta" if base_runs[0]["recipe"]["tta"] else "test_with_tta"
     rows.append(row(base, "TTA removed" if toggled == "test_without_tta" else "TTA added", base_runs, toggled))
-    base_recipe = base_runs[0]["recipe"]
+    # Fields added since the base ran are missing from its file: they held their defaults.
+    base_recipe = {**Recipe(name=base).as_dict(), **base_runs[0]["recipe"]}
     for recipe in ablations:
         runs = [r for r in results if r["recipe"]["name"] == recipe.name]
         if runs:

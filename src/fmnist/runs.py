@@ -179,6 +179,17 @@ class StageIdentity:
     code: dict[str, str]  # Module name -> digest of the fmnist modules the stage imported.
 
 
+def package_modules() -> list[str]:
+    """Every module of the fmnist package by name (``fmnist``, ``fmnist.training``, ...)."""
+    from fmnist.config import PACKAGE_DIR
+
+    names = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+        names.append("fmnist" if parts == ("__init__",) else ".".join(("fmnist", *parts)))
+    return names
+
+
 def code_digests(modules: list[str]) -> dict[str, str]:
     """Current digests of fmnist modules by name (a removed module gets "missing")."""
     from fmnist.config import PACKAGE_DIR
