@@ -246,3 +246,37 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_search_completes_once(da
     points = ["learning_rate", "batch_size", "dropout_rate"]
     ordered = [frame[RESULTS[1:]].sort_values(points).reset_index(drop=True) for frame in (found.trials, local.trials)]
     pd.testing.assert_frame_equal(*ordered, rtol=1e-3, atol=SUMMATION_ORDER_IMAGES)
+
+
+def test_a_search_killed_while_creating_a_trial_still_runs_every_point(dataset, tmp_path, monkeypatch):
+    """keras-tuner writes a new trial's file, then the oracle's state: stopped between the two, the resumed
+    search must still run the whole grid, not count the half-created trial and end a point short."""
+    import keras_tuner
+
+    request = _request(dataset)
+    real_save = keras_tuner.Oracle.save
+
+    class Killed(Exception):
+        pass
+
+    def save_unless_third_trial(oracle):
+        if len(oracle.trials) == 3 and oracle.trials[max(oracle.trials)].status == "RUNNING":
+            raise Killed  # The third trial's file is written; the oracle's state is not.
+        real_save(oracle)
+
+    monkeypatch.setattr(keras_tuner.Oracle, "save", save_unless_third_trial)
+    with pytest.raises(Killed):
+        tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "killed", verbose=0)
+    monkeypatch.setattr(keras_tuner.Oracle, "save", real_save)
+    (project,) = (tmp_path / "killed").glob("search_*")
+    states = {path.parent.name: json.loads(path.read_text())["status"] for path in project.glob("trial_*/trial.json")}
+    assert sorted(states.values()) == ["COMPLETED", "COMPLETED", "RUNNING"]
+    resumed = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "killed", verbose=0)
+    assert resumed.stats["trials_resumed"] == 2 and resumed.stats["trials_run_now"] == 2
+    uninterrupted = tuning.search(request, dataset.x_train, dataset.y_train, directory=tmp_path / "whole", verbose=0)
+    points = ["learning_rate", "batch_size", "dropout_rate"]
+    ordered = [
+        frame[RESULTS[1:]].sort_values(points).reset_index(drop=True)
+        for frame in (resumed.trials, uninterrupted.trials)
+    ]
+    pd.testing.assert_frame_equal(*ordered, atol=SUMMATION_ORDER_IMAGES)

@@ -264,6 +264,31 @@ def project_directory(root: Path, request: SearchRequest) -> Path:
     return project
 
 
+def _drop_orphaned_trials(project: Path) -> list[str]:
+    """Remove the trials a kill left half-created; return their ids.
+
+    keras-tuner creates a trial by writing its ``trial.json`` (RUNNING) and then the oracle's state. Killed
+    between the two, the trial is on disk but not among the oracle's ongoing trials: a reloaded oracle counts
+    it against the budget, yet never retries it, so the search ends one point short. Removed, it is created
+    again. A trial the oracle lists as ongoing is left for keras-tuner to retry.
+    """
+    state = project / "oracle.json"
+    if not state.is_file():
+        return []
+    ongoing = {str(trial_id) for trial_id in json.loads(state.read_text()).get("ongoing_trials", {}).values()}
+    dropped = []
+    for path in sorted(project.glob("trial_*/trial.json")):
+        trial_id = path.parent.name.removeprefix("trial_")
+        try:
+            status = json.loads(path.read_text()).get("status")
+        except json.JSONDecodeError:
+            status = "RUNNING"  # Killed while writing it: it never ended.
+        if status == "RUNNING" and trial_id not in ongoing:
+            shutil.rmtree(path.parent)
+            dropped.append(trial_id)
+    return dropped
+
+
 def _adopt_tuner_state(project: Path, tuner_id: str) -> None:
     """Let a search resumed in another mode (in-process or chief) reload the oracle's saved state."""
     wanted = project / f"{tuner_id}.json"
@@ -381,6 +406,8 @@ def search(
     tuner_id = "chief" if workers else IN_PROCESS_ID
     _adopt_tuner_state(project, tuner_id)
     resumed = (project / "oracle.json").is_file()
+    for trial_id in _drop_orphaned_trials(project):
+        _say(f"trial {trial_id} was being created when the search stopped: it runs again")
     if tensorboard_dir is not None:
         _prepare_tensorboard_dir(Path(tensorboard_dir), project, resumed)
     hypermodel = RecipeHyperModel(request, len(y_train), verbose=verbose)
