@@ -243,6 +243,16 @@ def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypa
     assert trained == [] and missing == ["a seed 1"]
     experiments.run_all([(changed, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append)
     assert trained == [("a", 1)] and "recipe changed" in messages[-3]
+    # A run of another split is not kept either; one recorded before the split was is taken to match.
+    stored["split"] = {"validation_size": 6000, "train_subset": 0}
+    path.write_text(json.dumps(stored))
+    settings = {"validation_size": 6000, "train_subset": 0}
+    experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append, **settings)
+    assert trained == [("a", 1)] and "kept" in messages[-1]
+    settings["validation_size"] = 5000
+    experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append, **settings)
+    assert trained == [("a", 1), ("a", 1)]
+    assert "the split changed (validation_size 6000 -> 5000) since; retraining" in messages[-3]
 
 
 def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is_on_disk(tmp_path):

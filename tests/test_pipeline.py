@@ -487,7 +487,14 @@ def test_a_rerun_recomputes_only_the_stages_whose_inputs_or_parameters_changed(s
     def execute_then_edit(stage, *args, **kwargs):
         seconds = real_execute(stage, *args, **kwargs)
         if stage == "04_evaluate":
-            monkeypatch.setattr(runs, "code_digests", lambda modules: dict.fromkeys(modules, "edited meanwhile"))
+            # The files now read as edited; sources taken before the stage stay as they were.
+            monkeypatch.setattr(
+                runs,
+                "code_digests",
+                lambda modules, sources=None: (
+                    real_digests(modules, sources) if sources is not None else dict.fromkeys(modules, "edited")
+                ),
+            )
         return seconds
 
     def write_then_restore(*args, **kwargs):

@@ -280,3 +280,24 @@ def test_a_search_killed_while_creating_a_trial_still_runs_every_point(dataset, 
         for frame in (resumed.trials, uninterrupted.trials)
     ]
     pd.testing.assert_frame_equal(*ordered, atol=SUMMATION_ORDER_IMAGES)
+
+
+def test_only_trials_the_oracle_never_started_and_above_every_started_one_are_dropped(tmp_path):
+    def project(start_order, trials):
+        directory = tmp_path / f"project{len(list(tmp_path.iterdir()))}"
+        for trial_id, status in trials.items():
+            (directory / f"trial_{trial_id}").mkdir(parents=True)
+            (directory / f"trial_{trial_id}" / "trial.json").write_text(json.dumps({"status": status}))
+        state = {"start_order": start_order, "ongoing_trials": {}, "retry_queue": start_order[1:]}
+        (directory / "oracle.json").write_text(json.dumps(state))
+        return directory
+
+    # Trials queued for retry (RUNNING on disk, not ongoing: a chief killed after reloading) are kept; the one
+    # created after the state was last saved is dropped.
+    queued = project(["0", "1", "2"], {"0": "COMPLETED", "1": "RUNNING", "2": "RUNNING", "3": "RUNNING"})
+    assert tuning._drop_orphaned_trials(queued) == ["3"]
+    assert sorted(path.name for path in queued.glob("trial_*")) == ["trial_0", "trial_1", "trial_2"]
+    # An orphan below a started trial (left by an earlier version) stays: a new trial would take a used id.
+    older = project(["0", "1", "3"], {"0": "COMPLETED", "1": "COMPLETED", "2": "RUNNING", "3": "COMPLETED"})
+    assert tuning._drop_orphaned_trials(older) == []
+    assert tuning._drop_orphaned_trials(tmp_path / "no state yet") == []

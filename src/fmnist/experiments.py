@@ -183,6 +183,8 @@ def run_one(
         },
         "history": fitted.history,
         "teacher": teacher_record,
+        # The split it trained and was judged on: a run of another split is not kept (run_all).
+        "split": {"validation_size": validation_size, "train_subset": train_subset},
         "quantisation_aware": quantisation_aware,
         "test": scores(y_test, mirrored if recipe.tta else plain),
         "test_without_tta": scores(y_test, plain),
@@ -386,6 +388,18 @@ def _keep(
         renamed[before] = after
 
 
+def _other_split(result: dict[str, Any], data_and_settings: dict[str, Any]) -> str:
+    """How a stored run's split differs from this run's settings ("" when it does not, or is not known: runs
+    recorded before the split was, and calls without the settings, are taken to match)."""
+    stored = result.get("split") or {}
+    changed = [
+        f"{name} {stored[name]} -> {data_and_settings[name]}"
+        for name in ("validation_size", "train_subset")
+        if name in stored and data_and_settings.get(name) is not None and stored[name] != data_and_settings[name]
+    ]
+    return ", ".join(changed)
+
+
 def _validation_images(data_and_settings: dict[str, Any]) -> Callable[[int], np.ndarray] | None:
     """The validation images of a seed's split, as :func:`run_one` draws it, when the training images are given."""
     from fmnist import data
@@ -447,7 +461,8 @@ def run_all(
             current = _sha_or_none(run_path(runs_dir, Recipe(name=recipe.teacher), seed)) if recipe.teacher else None
             re_pointed = bool(recipe.teacher) and recorded != current and renamed.get(recorded) == current
             stale_teacher = bool(recipe.teacher) and recorded != current and not re_pointed
-            if _stored_recipe(result["recipe"]) == recipe and not stale_teacher:
+            other_split = _other_split(result, data_and_settings)
+            if _stored_recipe(result["recipe"]) == recipe and not stale_teacher and not other_split:
                 progress(f"{label}: done before, kept ({path.name})")
                 _keep(
                     label,
@@ -467,7 +482,10 @@ def run_all(
                 )
                 results.append(result)
                 continue
-            reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
+            if other_split:
+                reason = f"the split changed ({other_split})"
+            else:
+                reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
             progress(f"{label}: {reason} since; retraining")
         if not train_missing:
             progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")

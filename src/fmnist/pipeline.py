@@ -264,7 +264,7 @@ def _run_locked(params_dir, profile, out_dir, stages, echo, fresh, render_report
         layout.stage_manifest(stage).unlink(missing_ok=True)
         before = runs.snapshot(layout.root)
         # The code as the stage starts: an edit while it runs must not pass as what it ran.
-        code_at_start = runs.code_digests(runs.package_modules())
+        code_at_start = runs.code_sources()
         if stage == REPORT_NOTEBOOK:
             runs.check_consistent(layout)
             write_run_manifest(layout, out_dir, params_dir, work.run_id)
@@ -273,7 +273,7 @@ def _run_locked(params_dir, profile, out_dir, stages, echo, fresh, render_report
             render_report(layout)
         stage_manifest = read_json(layout.stage_manifest(stage))
         modules = stage_manifest.get("code_modules", [])
-        identity.code = {module: code_at_start.get(module, "missing") for module in modules}
+        identity.code = runs.code_digests(modules, sources=code_at_start)
         runs.write_record(
             layout,
             stage,

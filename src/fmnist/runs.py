@@ -179,28 +179,41 @@ class StageIdentity:
     code: dict[str, str]  # Module name -> digest of the fmnist modules the stage imported.
 
 
-def package_modules() -> list[str]:
-    """Every module of the fmnist package by name (``fmnist``, ``fmnist.training``, ...)."""
+def _module_name(path: Path) -> str:
     from fmnist.config import PACKAGE_DIR
 
-    names = []
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
-        names.append("fmnist" if parts == ("__init__",) else ".".join(("fmnist", *parts)))
-    return names
+    parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+    return ".".join(("fmnist", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
-def code_digests(modules: list[str]) -> dict[str, str]:
-    """Current digests of fmnist modules by name (a removed module gets "missing")."""
+def _module_file(module: str) -> Path:
     from fmnist.config import PACKAGE_DIR
-    from fmnist.training import code_digest
+
+    inside = PACKAGE_DIR.joinpath(*module.split(".")[1:])
+    return inside / "__init__.py" if inside.is_dir() or module == "fmnist" else inside.with_suffix(".py")
+
+
+def code_sources() -> dict[str, str]:
+    """The source text of every module of the fmnist package, by name (``fmnist``, ``fmnist.training``, ...):
+    what a stage starts with, digested once it ends (:func:`code_digests`)."""
+    from fmnist.config import PACKAGE_DIR
+
+    return {_module_name(path): path.read_text() for path in sorted(PACKAGE_DIR.rglob("*.py"))}
+
+
+def code_digests(modules: list[str], sources: dict[str, str] | None = None) -> dict[str, str]:
+    """Digests of fmnist modules by name, of ``sources`` (see :func:`code_sources`) or else of the files now
+    (a module with neither gets "missing")."""
+    from fmnist.training import source_digest
 
     digests = {}
     for module in modules:
-        path = PACKAGE_DIR / (module.removeprefix("fmnist.").replace(".", "/") + ".py")
-        if module == "fmnist":
-            path = PACKAGE_DIR / "__init__.py"
-        digests[module] = code_digest([path]) if path.is_file() else "missing"
+        if sources is not None:
+            source = sources.get(module)
+        else:
+            path = _module_file(module)
+            source = path.read_text() if path.is_file() else None
+        digests[module] = "missing" if source is None else source_digest([source])
     return digests
 
 

@@ -559,13 +559,21 @@ def code_digest(items) -> str:
 
     Layout, comments and docstrings don't count; any change to the code does.
     """
-    import ast
     import inspect
     import textwrap
 
+    return source_digest(
+        Path(item).read_text() if isinstance(item, str | Path) else textwrap.dedent(inspect.getsource(item))
+        for item in items
+    )
+
+
+def source_digest(sources) -> str:
+    """:func:`code_digest` of source texts (one module's, or several in order)."""
+    import ast
+
     digest = hashlib.sha256()
-    for item in items:
-        source = Path(item).read_text() if isinstance(item, str | Path) else textwrap.dedent(inspect.getsource(item))
+    for source in sources:
         tree = ast.parse(source)
         for node in ast.walk(tree):
             body = getattr(node, "body", None)

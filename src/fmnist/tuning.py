@@ -267,24 +267,23 @@ def project_directory(root: Path, request: SearchRequest) -> Path:
 def _drop_orphaned_trials(project: Path) -> list[str]:
     """Remove the trials a kill left half-created; return their ids.
 
-    keras-tuner creates a trial by writing its ``trial.json`` (RUNNING) and then the oracle's state. Killed
-    between the two, the trial is on disk but not among the oracle's ongoing trials: a reloaded oracle counts
-    it against the budget, yet never retries it, so the search ends one point short. Removed, it is created
-    again. A trial the oracle lists as ongoing is left for keras-tuner to retry.
+    keras-tuner creates a trial by writing its ``trial.json`` (RUNNING) and then the oracle's state, which is
+    where the trial's id joins ``start_order`` (and the ongoing trials, the values tried, ...). Killed between
+    the two, the trial is on disk but unknown to the saved state: a reloaded oracle counts it against the
+    budget, yet never runs or retries it, so the search ends one point short. Removed, it is created again.
+    Only ids above every started one are removed, so a new trial never takes the id of one that ran; a trial
+    the state knows (ongoing, or queued for retry) is left to keras-tuner.
     """
     state = project / "oracle.json"
     if not state.is_file():
         return []
-    ongoing = {str(trial_id) for trial_id in json.loads(state.read_text()).get("ongoing_trials", {}).values()}
+    started = {str(trial_id) for trial_id in json.loads(state.read_text()).get("start_order", [])}
+    highest = max((int(trial_id) for trial_id in started), default=-1)
     dropped = []
-    for path in sorted(project.glob("trial_*/trial.json")):
-        trial_id = path.parent.name.removeprefix("trial_")
-        try:
-            status = json.loads(path.read_text()).get("status")
-        except json.JSONDecodeError:
-            status = "RUNNING"  # Killed while writing it: it never ended.
-        if status == "RUNNING" and trial_id not in ongoing:
-            shutil.rmtree(path.parent)
+    for path in sorted(project.glob("trial_*")):
+        trial_id = path.name.removeprefix("trial_")
+        if path.is_dir() and trial_id.isdigit() and trial_id not in started and int(trial_id) > highest:
+            shutil.rmtree(path)
             dropped.append(trial_id)
     return dropped
 
