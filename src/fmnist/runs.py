@@ -190,7 +190,7 @@ def _module_file(module: str) -> Path:
     from fmnist.config import PACKAGE_DIR
 
     inside = PACKAGE_DIR.joinpath(*module.split(".")[1:])
-    return inside / "__init__.py" if inside.is_dir() or module == "fmnist" else inside.with_suffix(".py")
+    return inside / "__init__.py" if inside.is_dir() else inside.with_suffix(".py")
 
 
 def code_sources() -> dict[str, str]:
