@@ -59,7 +59,7 @@ serve: setup  ## Serve the classifier page and API on http://127.0.0.1:8000/ (th
 	$(BIN)/fmnist serve
 
 bench: setup data  ## Re-measure size, latency and serving of the run in $(OUT) into $(OUT)/deploy/bench.json.
-	$(BIN)/fmnist bench --out $(OUT)
+	$(BIN)/fmnist bench --out $(OUT) --serve-model shipped
 
 loadtest: setup  ## Load and abuse a fresh `fmnist serve` (shipped model; no study needed) into build/loadtest.json.
 	$(BIN)/fmnist loadtest --json build/loadtest.json

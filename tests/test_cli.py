@@ -78,3 +78,15 @@ def test_serve_refuses_a_port_in_use_with_a_message(capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     error = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in error and "choose another --port" in error
+
+
+def test_bench_of_the_shipped_classifier_needs_it_shipped_first(tmp_path, capsys):
+    from fmnist.config import ArtifactLayout
+
+    layout = ArtifactLayout(tmp_path)
+    for path in (layout.model, layout.litert_model("float32"), layout.litert_model("int8")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a study's file")
+    assert main(["bench", "--out", str(tmp_path), "--serve-model", "shipped"]) == 2
+    error = capsys.readouterr().err
+    assert str(layout.shipped_model) in error and "05_deploy" in error

@@ -38,6 +38,7 @@ def test_recipe_defaults_are_the_seed_architecture_with_its_tuned_values():
         ({"quantisation_aware_epochs": -1}, "quantisation_aware_epochs=-1 must not be negative"),
         ({"quantisation_aware_learning_rate": 0.0}, "quantisation_aware_learning_rate=0.0 must be positive"),
         ({"consistency_weight": -1.0}, "consistency_weight=-1.0 must not be negative"),
+        ({"tta_shifts": 14}, "tta_shifts=14 must be between 0 and 13"),
     ],
 )
 def test_recipe_rejects_bad_fields_with_the_fix(values, message):
@@ -110,6 +111,40 @@ def test_shifts_move_whole_pixels_without_blurring():
     assert set(np.unique(augmented)) <= {0.0, 1.0}
     assert np.all(augmented.sum(axis=(1, 2, 3)) == 64.0)  # The 8x8 square is moved, never cut.
     assert len({tuple(np.argwhere(image[..., 0])[0]) for image in augmented}) > 5
+
+
+def test_tta_views_are_the_image_its_mirror_and_four_one_pixel_shifts():
+    from fmnist.data import tta_view_count, tta_views
+
+    images = np.zeros((3, 28, 28, 1), dtype=np.float32)
+    images[:, 5, 9] = 1.0
+    views = tta_views(images, 1)
+    assert len(views) == tta_view_count(1) == 10 and len(tta_views(images)) == tta_view_count(0) == 2
+    np.testing.assert_array_equal(views[0], images)
+    np.testing.assert_array_equal(views[1], images[:, :, ::-1])
+    # Up, down, left, right by one whole pixel, each followed by its mirror image.
+    where = [tuple(np.argwhere(view[0, ..., 0])[0]) for view in views]
+    assert where[2::2] == [(4, 9), (6, 9), (5, 8), (5, 10)]
+    assert where[3::2] == [(4, 18), (6, 18), (5, 19), (5, 17)]
+    # A shift fills with black and cuts what leaves the frame.
+    edge = np.zeros((1, 28, 28, 1), dtype=np.float32)
+    edge[0, 0, :] = 1.0
+    assert tta_views(edge, 1)[2].sum() == 0.0 and tta_views(edge, 1)[4][0, 1].sum() == 28.0
+
+
+def test_predict_averages_every_tta_view():
+    model = build_network("bn_cnn", width=4, stages=(1, 1, 1))
+    images = np.random.default_rng(0).random((6, 28, 28, 1), dtype=np.float32)
+    plain, flip = experiments.predict(model, images)
+    _, shifted = experiments.predict(model, images, shifts=1)
+    from fmnist.data import tta_views
+
+    each = [model.predict(view, verbose=0) for view in tta_views(images, 1)]
+    np.testing.assert_allclose(plain, each[0], rtol=1e-5)
+    # Two views: exactly the arithmetic distillation targets were made with before shifts existed.
+    np.testing.assert_array_equal(flip, (plain + model.predict(images[:, :, ::-1], batch_size=1000, verbose=0)) / 2)
+    np.testing.assert_allclose(shifted, np.mean(each, axis=0), rtol=1e-5)
+    assert not np.allclose(shifted, flip)
 
 
 def test_augmentation_flips_left_right_only_and_keeps_shapes():
@@ -191,7 +226,7 @@ def test_summary_means_and_standard_deviations_over_seeds():
     assert rows["b"]["test_accuracy_std"] == 0.0 and rows["b"]["litert_int8_p50_ms"] is None
     assert rows["a"]["test_accuracy_without_tta_mean"] == pytest.approx(0.90)
     table = results.results_table(list(rows.values()))
-    assert table.loc["a", "accuracy without / with flip TTA"] == "0.9000\u00a0/\u00a00.9100"
+    assert table.loc["a", "accuracy without / with TTA"] == "0.9000\u00a0/\u00a00.9100"
     assert table.loc["a", "test accuracy"] == "0.9100\u00a0±\u00a00.0141"
     # Mean of +1 and 0 points; runs recorded before validation TTA existed show n/a.
     assert table.loc["a", "TTA gain on validation (points)"] == "+0.50"
@@ -205,6 +240,18 @@ def test_summary_means_and_standard_deviations_over_seeds():
     with_study = results.comparison_rows(list(rows.values()), baseline="a", study="a", strong="b")
     labels = [row["model"].split(":")[0] for row in with_study[1:4]]
     assert labels == ["our baseline", "the study's recipe", "our stronger model"]
+
+
+def test_a_recipe_with_shifted_tta_reports_the_latency_of_all_ten_views():
+    runs = [_fake_run("shifty", 1, 0.9, 0.3, tta=True, tta_shifts=1), _fake_run("plain", 1, 0.9, 0.3)]
+    latency = {
+        "shifty_int8.tflite": {"p50_ms": 0.02, "tta_p50_ms": 0.04, "shift_tta_p50_ms": 0.2, "size_bytes": 1024},
+        "plain_int8.tflite": {"p50_ms": 0.02, "tta_p50_ms": 0.04, "shift_tta_p50_ms": 0.2, "size_bytes": 1024},
+    }
+    rows = {row["recipe"]: row for row in results.summarise(runs, latency)}
+    assert rows["shifty"]["litert_int8_p50_ms"] == 0.2 and rows["plain"]["litert_int8_p50_ms"] == 0.02
+    table = results.results_table(list(rows.values()))
+    assert list(table["TTA"]) == ["flip + 1-px shifts (10 views)", "no (measured: flip (2 views))"]
 
 
 def test_ablation_rows_compare_on_shared_seeds_and_toggle_tta():
@@ -318,6 +365,80 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
     rerun()
     assert "re-exported" in messages[-1]
     assert "validation_probability_difference" in json.loads(path.read_text())["litert_served"]["int8"]
+
+
+def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retrained(tmp_path, monkeypatch):
+    network = {"architecture": "bn_cnn", "width": 4, "stages": [1, 1, 1]}
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    models.mkdir()
+    teacher_run = _fake_run("tiny", 1, 0.9, 0.3, tta=True, **network)
+    student_run = _fake_run("pupil", 1, 0.9, 0.3, teacher="tiny", **network)
+    teacher_path = experiments.run_path(runs, Recipe(name="tiny"), 1)
+    student_path = experiments.run_path(runs, Recipe(name="pupil"), 1)
+    teacher_path.parent.mkdir(parents=True)
+    teacher_path.write_text(json.dumps(teacher_run))
+    student_run["teacher"] = {"recipe": "tiny", "run_sha256": experiments.file_digest(teacher_path)}
+    student_path.parent.mkdir(parents=True)
+    student_path.write_text(json.dumps(student_run))
+    for name in ("tiny", "pupil"):
+        build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(experiments.model_path(models, name, 1))
+    trained, messages = [], []
+    monkeypatch.setattr(
+        experiments,
+        "run_one",
+        lambda recipe, seed, **_: trained.append(recipe.name) or {"test": {"accuracy": 0.9, "loss": 0.3}},
+    )
+    images = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(40) % 10
+
+    def rerun(shifts, *, students=True, train_missing=True):
+        teacher = Recipe.from_params("tiny", {**network, "tta": True, "tta_shifts": shifts})
+        student = Recipe.from_params("pupil", {**network, "teacher": "tiny", "tta_shifts": shifts})
+        return experiments.run_all(
+            [(teacher, 1), (student, 1)] if students else [(teacher, 1)],
+            runs_dir=runs,
+            models_dir=models,
+            train_missing=train_missing,
+            progress=messages.append,
+            x_test=images,
+            y_test=labels,
+            x_train_full=np.concatenate([images, images]),
+            y_train_full=np.concatenate([labels, labels]),
+            validation_size=20,
+        )
+
+    # Summarising only (train_missing=False) writes nothing and keeps the evaluation recorded.
+    original = experiments.file_digest(teacher_path)
+    kept, missing = rerun(1, train_missing=False)
+    assert missing == [] and kept == [teacher_run, student_run] and experiments.file_digest(teacher_path) == original
+    assert "summarised as recorded" in messages[-1]
+    # A pass that stops after the teacher: its file is rewritten, and says what it was.
+    kept, _ = rerun(1, students=False)
+    assert trained == []
+    assert any("evaluated again (tta_shifts 0 -> 1)" in message for message in messages)
+    teacher_now = json.loads(teacher_path.read_text())
+    assert kept == [teacher_now] and teacher_now["rewritten_from"] == [original]
+    assert teacher_now["recipe"]["tta_shifts"] == 1 and teacher_now["validation_tta"]["views"] == 10
+    # Its test figures use the 10 views (tta); those without TTA stay as the run recorded them.
+    assert teacher_now["test"] == teacher_now["test_with_tta"] != teacher_now["test_without_tta"]
+    assert teacher_now["test_without_tta"] == teacher_run["test_without_tta"]
+    assert teacher_now["validation"] == teacher_run["validation"] and teacher_now["train_seconds"] == 60.0
+    # The next pass finds the student pointing at the old file: the same teacher model taught it, so it is
+    # re-pointed at the rewritten file and evaluated again, not retrained.
+    kept, _ = rerun(1)
+    student_now = json.loads(student_path.read_text())
+    assert trained == [] and kept == [json.loads(teacher_path.read_text()), student_now]
+    assert student_now["teacher"]["run_sha256"] == experiments.file_digest(teacher_path)
+    assert student_now["test"] == student_now["test_without_tta"] == student_run["test_without_tta"]
+    assert student_now["validation_tta"]["views"] == 10
+    messages.clear()
+    rerun(1)
+    assert trained == [] and all("kept" in message for message in messages)
+    # Without its model on disk a recipe whose evaluation changed cannot be evaluated: it is retrained.
+    experiments.model_path(models, "tiny", 1).unlink()
+    rerun(0)
+    assert trained[0] == "tiny"
+    assert any("its evaluation changed and its model is not on disk" in message for message in messages)
 
 
 def test_a_recipe_search_only_tunes_training_fields():
@@ -472,3 +593,15 @@ def test_a_recipe_with_nothing_to_fine_tune_for_int8_fails_before_it_trains(tmp_
             runs_dir=tmp_path / "runs",
             models_dir=tmp_path / "models",
         )
+
+
+def test_latency_figures_include_every_tta_view_count(tmp_path):
+    from fmnist import bench, export
+
+    model = build_network("bn_cnn", width=4, stages=(1, 1, 1))
+    path = export.write_model(export.to_float32(model), tmp_path / "tiny_float32.tflite")
+    images = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    figures = bench.litert_latency([path], images, runs=20)["tiny_float32.tflite"]
+    # One call, two (flip TTA) and ten (flips of the image and its four shifts): each timed as it is served.
+    assert figures["p50_ms"] > 0 and figures["tta_p50_ms"] > 0 and figures["shift_tta_p50_ms"] > 0
+    assert figures["size_bytes"] == path.stat().st_size

@@ -419,7 +419,7 @@ def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, m
     experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
     assert json.loads(teacher_path.read_text())["litert_export"] == "newer"
     assert json.loads(student_path.read_text())["teacher"]["run_sha256"] == file_digest(teacher_path)
-    assert any("its teacher's run was re-exported" in message for message in messages)
+    assert any("its teacher's run was rewritten, not retrained" in message for message in messages)
     # The next run finds everything current: both kept, nothing rewritten.
     digests = (file_digest(teacher_path), file_digest(student_path))
     experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)

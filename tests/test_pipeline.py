@@ -194,6 +194,9 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     sizes = bench["sizes_bytes"]
     assert sizes["litert_int8"] < sizes["litert_float32"] < sizes["keras"]
     serving = bench["serving"]
+    # The service benchmarked is the classifier that ships, not merely the study's export.
+    assert serving["model"] == "shipped" and serving["file"] == layout.shipped_model.name
+    assert serving["size_bytes"] == layout.shipped_model.stat().st_size
     assert serving["load"]["requests"] > 0 and serving["peak_rss_mb"] > 0
     assert serving["cold_start_to_first_answer_s"] > 0
     # The load test's phases: no 5xx for the hostile uploads, no errors under load, no tracebacks logged.

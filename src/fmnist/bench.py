@@ -101,7 +101,8 @@ def arithmetic_floor(multiply_adds: int, gflops: float) -> dict[str, float]:
 
 
 def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000) -> dict[str, dict]:
-    """Single-image LiteRT latency (one thread) and size of each model, plain and with flip TTA (two calls).
+    """Single-image LiteRT latency (one thread) and size of each model: plain, with flip TTA (two calls) and
+    with flip TTA over the image and its four one-pixel shifts (ten calls, as a recipe's ``tta_shifts`` asks).
 
     Run it in a process that has not imported TensorFlow: TensorFlow's idle
     thread pools slow everything measured after them.
@@ -110,7 +111,10 @@ def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000
     from fmnist.manifest import describe_machine
 
     machine = describe_machine()  # Latencies compare only on one machine: each figure names its own.
+    from fmnist.data import tta_views
+
     single, mirrored = images[:1], images[:1, :, ::-1]
+    views = tta_views(single, 1)
     figures = {}
     for path in model_paths:
         classifier = Classifier(path, num_threads=1)
@@ -118,10 +122,14 @@ def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000
         tta = percentiles(
             time_calls(lambda c=classifier: (c.probabilities(single), c.probabilities(mirrored)), runs // 2)
         )
+        shift_tta = percentiles(
+            time_calls(lambda c=classifier: [c.probabilities(view) for view in views], max(runs // 10, 1))
+        )
         figures[Path(path).name] = {
             "size_bytes": Path(path).stat().st_size,
             **plain,
             "tta_p50_ms": tta["p50_ms"],
+            "shift_tta_p50_ms": shift_tta["p50_ms"],
             "machine": machine,
         }
     return figures
@@ -152,8 +160,13 @@ def run_benchmark(
     closed_clients: int = 64,
     slow_clients: int = 500,
     serve_model: str = "int8",
+    serve_file: Path | None = None,
 ) -> dict:
-    """Measure everything in one process (one thread per engine) and write ``out`` as JSON."""
+    """Measure everything in one process (one thread per engine) and write ``out`` as JSON.
+
+    The serving figures use ``serve_file`` when given (the shipped classifier, ``serve_model`` naming it),
+    else ``litert_models[serve_model]``.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -204,12 +217,15 @@ def run_benchmark(
     body = sample_photo(images[0])
     from fmnist.loadtest import run_loadtest
 
-    say(f"serving {serve_model}: a fresh `fmnist serve` process, loaded and abused ...")
+    served = Path(serve_file) if serve_file is not None else Path(litert_models[serve_model])
+    say(f"serving {serve_model} ({served.name}): a fresh `fmnist serve` process, loaded and abused ...")
     results["serving"] = {
         "model": serve_model,
+        "file": served.name,
+        "size_bytes": served.stat().st_size,
         "request_image": f"{len(body):,}-byte 224x224 RGB JPEG (a camera frame)",
         **run_loadtest(
-            litert_models[serve_model],
+            served,
             body,
             paced_clients=clients,
             rate_per_client=rate_per_client,

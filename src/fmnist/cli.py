@@ -146,6 +146,8 @@ def _bench(arguments: argparse.Namespace) -> int:
 
     layout = ArtifactLayout(arguments.out)
     needed = [layout.model, layout.litert_model("float32"), layout.litert_model("int8")]
+    if arguments.serve_model == "shipped":
+        needed.append(layout.shipped_model)
     missing = [str(path) for path in needed if not path.is_file()]
     if missing:
         print(
@@ -169,6 +171,7 @@ def _bench(arguments: argparse.Namespace) -> int:
         closed_clients=arguments.closed_clients,
         slow_clients=arguments.slow_clients,
         serve_model=arguments.serve_model,
+        serve_file=layout.shipped_model if arguments.serve_model == "shipped" else None,
         runs=arguments.runs,
         keras_runs=max(20, arguments.runs // 10),
     )
@@ -389,9 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_arguments(benchmark)
     benchmark.add_argument(
         "--serve-model",
-        choices=("float32", "int8"),
+        choices=("float32", "int8", "shipped"),
         default="int8",
-        help="the LiteRT model the serving figures use (default: %(default)s)",
+        help="the LiteRT model the serving figures use: the study's float32 or int8 export, or the classifier "
+        "05_deploy shipped (deploy/shipped_int8.tflite) (default: %(default)s)",
     )
     benchmark.set_defaults(handler=_bench)
 

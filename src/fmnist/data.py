@@ -230,6 +230,32 @@ def scale_images(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0)[..., np.newaxis]
 
 
+def shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Images of shape (n, height, width, channels) moved ``rows`` pixels down and ``columns`` right (negative:
+    up, left), filled with black: the whole-pixel shifts of the training's augmentation."""
+    height, width = images.shape[1:3]
+    pad = max(abs(rows), abs(columns))
+    padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    return padded[:, pad - rows : pad - rows + height, pad - columns : pad - columns + width]
+
+
+def tta_views(images: np.ndarray, shifts: int = 0) -> list[np.ndarray]:
+    """What test-time augmentation looks at: the images and their mirror images, and with ``shifts`` the images
+    moved that many pixels up, down, left and right, each with its mirror image (10 views). The first view is
+    the images themselves."""
+    positions = [(-shifts, 0), (shifts, 0), (0, -shifts), (0, shifts)] if shifts else []
+    views = [images, images[:, :, ::-1]]
+    for rows, columns in positions:
+        view = shifted(images, rows, columns)
+        views += [view, view[:, :, ::-1]]
+    return views
+
+
+def tta_view_count(shifts: int) -> int:
+    """How many views :func:`tta_views` gives."""
+    return 10 if shifts else 2
+
+
 def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None, *, include_test: bool = True) -> FashionMNIST:
     """Load and verify the files; images scaled to [0, 1] float32.
 

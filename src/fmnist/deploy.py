@@ -124,8 +124,10 @@ def run_benchmark_process(
     runs: int,
     closed_clients: int = 64,
     slow_clients: int = 500,
+    serve_model: str = "int8",
 ) -> Path:
-    """Run ``fmnist bench`` in a fresh process (one thread per engine, no state from this kernel)."""
+    """Run ``fmnist bench`` in a fresh process (one thread per engine, no state from this kernel); its serving
+    figures use ``serve_model`` ("float32", "int8" or "shipped")."""
     command = [
         sys.executable,
         "-m",
@@ -145,6 +147,8 @@ def run_benchmark_process(
         str(closed_clients),
         "--slow-clients",
         str(slow_clients),
+        "--serve-model",
+        serve_model,
     ]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     print(done.stdout)

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from fmnist.data import tta_view_count, tta_views
 from fmnist.io import atomic_path, read_json, write_json
 from fmnist.manifest import describe_machine
-from fmnist.recipes import Recipe
+from fmnist.recipes import EVALUATION_FIELDS, Recipe
 from fmnist.results import training_tflops
 from fmnist.runs import file_digest
 from fmnist.runtime import quiet_tensorflow
@@ -37,11 +38,15 @@ def _say(message: str) -> None:
     print(f"[experiments] {message}", file=sys.stderr, flush=True)
 
 
-def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities without and with flip TTA (the mean of the image's and its mirror image's)."""
-    plain = model.predict(images, batch_size=1000, verbose=0)
-    mirrored = model.predict(images[:, :, ::-1, :], batch_size=1000, verbose=0)
-    return plain, (plain + mirrored) / 2
+def predict(model: keras.Model, images: np.ndarray, shifts: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities without and with TTA: the mean over the image, its mirror image and, with
+    ``shifts`` (a recipe's ``tta_shifts``), the four shifted views and their mirror images."""
+    views = tta_views(images, shifts)
+    plain = model.predict(views[0], batch_size=1000, verbose=0)
+    total = plain + model.predict(views[1], batch_size=1000, verbose=0)
+    for view in views[2:]:
+        total += model.predict(view, batch_size=1000, verbose=0)
+    return plain, total / len(views)
 
 
 def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
@@ -75,8 +80,9 @@ def model_path(models_dir: Path, recipe_name: str, seed: int) -> Path:
 def distillation_targets(teacher: keras.Model, images: np.ndarray, labels: np.ndarray, recipe: Recipe) -> np.ndarray:
     """The rows a distilled recipe trains on: the teacher's softened probabilities mixed with the labels.
 
-    The teacher's probabilities, averaged with its mirror image's (flip TTA),
-    are raised to 1/temperature and renormalised: the softmax of its logits
+    The teacher's probabilities, averaged with its mirror image's (flip TTA;
+    not the shifted views of the teacher recipe's ``tta_shifts``, so a teacher
+    evaluated again teaches the same), are raised to 1/temperature and renormalised: the softmax of its logits
     divided by the temperature. ``teacher_weight`` of each row comes from them,
     the rest from the one-hot label. Computed once on the unaugmented training
     images: flips and small shifts do not change what an image shows.
@@ -165,30 +171,22 @@ def run_one(
     quantisation_aware = None
     if recipe.quantisation_aware_epochs:
         # The float32 network's validation figures before the fine-tuning (the training's own were in its precision).
-        before = scores(y_val, predict(fitted.model, x_val)[0])
+        before = scores(y_val, fitted.model.predict(x_val, batch_size=1000, verbose=0))
         quantisation_aware = quantisation_aware_fine_tune(fitted.model, x_train, y_train, recipe, seed)
         quantisation_aware["validation_before"] = {"accuracy": before["accuracy"], "loss": before["loss"]}
-    validation_plain, validation_mirrored = predict(fitted.model, x_val)
-    plain, mirrored = predict(fitted.model, x_test)
+    validation_plain, plain, evaluation = evaluate(fitted.model, recipe, x_val, y_val, x_test, y_test)
     result = {
         **fitted.summary(recipe, len(y_train)),
         "seed": seed,
         # Stored runs are kept while their recipe is unchanged; this says which training code made them.
         "training_code": training_code_version(),
         "machine": describe_machine(),
-        # Whether flip TTA helps is read here, on validation, never from the test columns below.
-        "validation_tta": {
-            "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
-            "accuracy_with": float(np.mean(validation_mirrored.argmax(axis=1) == y_val)),
-        },
+        **evaluation,
         "history": fitted.history,
         "teacher": teacher_record,
         # The split it trained and was judged on: a run of another split is not kept (run_all).
         "split": {"validation_size": validation_size, "train_subset": train_subset},
         "quantisation_aware": quantisation_aware,
-        "test": scores(y_test, mirrored if recipe.tta else plain),
-        "test_without_tta": scores(y_test, plain),
-        "test_with_tta": scores(y_test, mirrored),
     }
     if quantisation_aware is not None:
         # The model now is the fine-tuned one: its validation figures replace the training's last epoch's.
@@ -204,6 +202,32 @@ def run_one(
     if checkpoint_dir is not None:
         discard_checkpoint(checkpoint_dir)
     return result
+
+
+def evaluate(
+    model: keras.Model, recipe: Recipe, x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """What a run records of its model's predictions, with and without the recipe's TTA; and the validation
+    and test probabilities without TTA (for the export's checks).
+
+    Whether TTA helps is read on validation (``validation_tta``), never from the test columns.
+    """
+    validation_plain, validation_tta = predict(model, x_val, recipe.tta_shifts)
+    plain, with_tta = predict(model, x_test, recipe.tta_shifts)
+    return (
+        validation_plain,
+        plain,
+        {
+            "validation_tta": {
+                "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
+                "accuracy_with": float(np.mean(validation_tta.argmax(axis=1) == y_val)),
+                "views": tta_view_count(recipe.tta_shifts),
+            },
+            "test": scores(y_test, with_tta if recipe.tta else plain),
+            "test_without_tta": scores(y_test, plain),
+            "test_with_tta": scores(y_test, with_tta),
+        },
+    )
 
 
 # The training images whose activations set the channel equalisation before quantisation-aware fine-tuning.
@@ -304,13 +328,13 @@ def refresh_export(
     models_dir: Path,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
-    validation_images: Callable[[int], np.ndarray] | None = None,
+    validation_split: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> str | None:
     """Re-export a kept run whose LiteRT files came from an older export scheme, or whose record lacks how
     they serve on the validation images, when its model is on disk.
 
     The training stays as it was; the files are rewritten, with what the run records of them (their digests,
-    the scheme and how they serve: :func:`export_litert`). ``validation_images(seed)`` gives the run's
+    the scheme and how they serve: :func:`export_litert`). ``validation_split(seed)`` gives the run's
     validation split. Returns None when the files were written, else why not ("" when there is nothing to
     say: the files are current, or none was exported, or none is on disk to be stale).
     """
@@ -327,10 +351,10 @@ def refresh_export(
             f"its model {model_file.name} is not on disk (models are not committed), so its files cannot be "
             "rewritten or measured again"
         )
-    if x_test is None or y_test is None or validation_images is None:
+    if x_test is None or y_test is None or validation_split is None:
         return "no test or validation images were given to measure the new files on"
     model = keras.models.load_model(model_file)
-    x_val = validation_images(seed)
+    x_val, _ = validation_split(seed)
     result.update(
         export_litert(
             model,
@@ -354,38 +378,64 @@ def _keep(
     result: dict[str, Any],
     *,
     re_point_teacher: str | None,
-    renamed: dict[str, str],
     refresh: bool,
     runs_dir: Path,
     models_dir: Path,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
-    validation_images: Callable[[int], np.ndarray] | None,
+    validation_split: Callable[[int], tuple[np.ndarray, np.ndarray]] | None,
     progress: Callable[[str], None],
+    evaluate_again: bool = False,
 ) -> None:
     """Keep a stored run: point it at its teacher's rewritten run file (``re_point_teacher``, that file's
-    SHA-256 now) and, with ``refresh``, re-export it under the current scheme (:func:`refresh_export`).
+    SHA-256 now); with ``evaluate_again``, evaluate its model on disk as ``recipe`` says (the recipe changed
+    only in ``EVALUATION_FIELDS``); and, with ``refresh``, re-export it under the current scheme
+    (:func:`refresh_export`).
 
-    A student names the teacher run it learnt from by that file's SHA-256. A re-export rewrites the file but
-    not the training, so ``renamed`` maps each file's digest before this run's rewrite to its digest after:
-    a student of a re-exported teacher is re-pointed instead of retrained.
+    A student names the teacher run it learnt from by that file's SHA-256. A re-export or a new evaluation
+    rewrites the file but not the training (a student's targets are the teacher model's flip-averaged
+    probabilities, whatever its recipe's evaluation), so a rewritten file lists the digests it had before
+    (``rewritten_from``): a student of such a teacher is re-pointed instead of retrained, even by a later
+    run when this one stopped before reaching it.
     """
     path = run_path(runs_dir, recipe, seed)
     before = file_digest(path)
     if re_point_teacher is not None:
         result["teacher"]["run_sha256"] = re_point_teacher
         write_json(path, result)
-        progress(f"{label}: its teacher's run was re-exported; the same training, so it is kept")
+        progress(f"{label}: its teacher's run was rewritten, not retrained; the same training, so it is kept")
+    if evaluate_again:
+        stored = _stored_recipe(result["recipe"])
+        changes = ", ".join(
+            f"{name} {getattr(stored, name)} -> {getattr(recipe, name)}"
+            for name in EVALUATION_FIELDS
+            if getattr(stored, name) != getattr(recipe, name)
+        )
+        x_val, y_val = validation_split(seed)
+        model = keras.models.load_model(model_path(models_dir, recipe.name, seed))
+        fresh = evaluate(model, recipe, x_val, y_val, x_test, y_test)[2]
+        # Only the figures with TTA change: those without it stay as the run recorded them.
+        stored_tta = result.get("validation_tta") or {}
+        result["validation_tta"] = {
+            **fresh["validation_tta"],
+            **{k: v for k, v in stored_tta.items() if k != "accuracy_with" and k != "views"},
+        }
+        result["test_with_tta"] = fresh["test_with_tta"]
+        result.setdefault("test_without_tta", fresh["test_without_tta"])
+        result["test"] = result["test_with_tta"] if recipe.tta else result["test_without_tta"]
+        result["recipe"] = recipe.as_dict()
+        write_json(path, result)
+        progress(f"{label}: evaluated again ({changes}); the same training, so it is kept")
     why_not = (
-        refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images) if refresh else ""
+        refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_split) if refresh else ""
     )
     if why_not is None:
         progress(f"{label}: re-exported (new export scheme, or served figures on the validation images added)")
     elif why_not:
         progress(f"{label}: old export kept: {why_not}")
-    after = file_digest(path)
-    if after != before:
-        renamed[before] = after
+    if file_digest(path) != before:
+        result["rewritten_from"] = [*result.get("rewritten_from", []), before]
+        write_json(path, result)
 
 
 def _other_split(result: dict[str, Any], data_and_settings: dict[str, Any]) -> str:
@@ -400,23 +450,24 @@ def _other_split(result: dict[str, Any], data_and_settings: dict[str, Any]) -> s
     return ", ".join(changed)
 
 
-def _validation_images(data_and_settings: dict[str, Any]) -> Callable[[int], np.ndarray] | None:
-    """The validation images of a seed's split, as :func:`run_one` draws it, when the training images are given."""
+def _validation_split(data_and_settings: dict[str, Any]) -> Callable[[int], tuple[np.ndarray, np.ndarray]] | None:
+    """The validation images and labels of a seed's split, as :func:`run_one` draws it, when the training images
+    are given."""
     from fmnist import data
 
     if data_and_settings.get("x_train_full") is None or data_and_settings.get("y_train_full") is None:
         return None
 
-    def images(seed: int) -> np.ndarray:
-        split = data.train_validation_split(
+    def split(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        _, _, x_val, y_val = data.train_validation_split(
             data_and_settings["x_train_full"],
             data_and_settings["y_train_full"],
             data_and_settings["validation_size"],
             seed,
         )
-        return split[2]
+        return x_val, y_val
 
-    return images
+    return split
 
 
 def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
@@ -448,7 +499,6 @@ def run_all(
     """
     plan = list(plan)
     results, missing = [], []
-    renamed: dict[str, str] = {}  # Run files rewritten by this run's re-exports: SHA-256 before -> after.
     first_seed: dict[str, int] = {}
     for recipe, seed in plan:
         first_seed.setdefault(recipe.name, seed)
@@ -458,34 +508,54 @@ def run_all(
         if path.is_file() and not force:
             result = read_json(path)
             recorded = (result.get("teacher") or {}).get("run_sha256")
-            current = _sha_or_none(run_path(runs_dir, Recipe(name=recipe.teacher), seed)) if recipe.teacher else None
-            re_pointed = bool(recipe.teacher) and recorded != current and renamed.get(recorded) == current
+            teacher_path = run_path(runs_dir, Recipe(name=recipe.teacher), seed) if recipe.teacher else None
+            current = _sha_or_none(teacher_path) if teacher_path else None
+            # A teacher's file rewritten without retraining (re-exported, evaluated again) lists its old digests.
+            rewritten_from = read_json(teacher_path).get("rewritten_from", []) if current else []
+            re_pointed = bool(recipe.teacher) and recorded != current and recorded in rewritten_from
             stale_teacher = bool(recipe.teacher) and recorded != current and not re_pointed
             other_split = _other_split(result, data_and_settings)
-            if _stored_recipe(result["recipe"]) == recipe and not stale_teacher and not other_split:
+            stored = _stored_recipe(result["recipe"])
+            # A recipe changed only in how its model is evaluated is evaluated again, when it can be.
+            evaluation_only = stored is not None and stored != recipe and stored.evaluated_as(recipe) == recipe
+            model_on_disk = model_path(models_dir, recipe.name, seed).is_file()
+            images_given = all(data_and_settings.get(name) is not None for name in ("x_test", "y_test"))
+            images_given = images_given and _validation_split(data_and_settings) is not None
+            evaluate_again = evaluation_only and train_missing and model_on_disk and images_given
+            # train_missing=False writes nothing: such a run is summarised with the evaluation it recorded.
+            as_recorded = evaluation_only and not train_missing
+            if (stored == recipe or evaluate_again or as_recorded) and not stale_teacher and not other_split:
                 progress(f"{label}: done before, kept ({path.name})")
+                if as_recorded:
+                    progress(f"{label}: its evaluation changed; summarised as recorded (train_missing=False)")
                 _keep(
                     label,
                     recipe,
                     seed,
                     result,
                     re_point_teacher=current if re_pointed else None,
-                    renamed=renamed,
                     # train_missing=False writes nothing: it summarises what is on disk.
                     refresh=train_missing,
                     runs_dir=runs_dir,
                     models_dir=models_dir,
                     x_test=data_and_settings.get("x_test"),
                     y_test=data_and_settings.get("y_test"),
-                    validation_images=_validation_images(data_and_settings),
+                    validation_split=_validation_split(data_and_settings),
+                    evaluate_again=evaluate_again,
                     progress=progress,
                 )
                 results.append(result)
                 continue
             if other_split:
                 reason = f"the split changed ({other_split})"
+            elif stale_teacher:
+                reason = "its teacher was retrained"
+            elif evaluation_only and not model_on_disk:
+                reason = "its evaluation changed and its model is not on disk to evaluate again"
+            elif evaluation_only:
+                reason = "its evaluation changed and no test and validation images were given to evaluate it on"
             else:
-                reason = "its teacher was retrained" if stale_teacher else "the recipe changed"
+                reason = "the recipe changed"
             progress(f"{label}: {reason} since; retraining")
         if not train_missing:
             progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")

@@ -22,6 +22,8 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # The network families of fmnist.model, and the fields only bn_cnn takes.
 ARCHITECTURES = ("seed", "bn_cnn")
 BN_CNN_FIELDS = ("width", "stages", "batch_norm", "head", "separable_stages")
+# The fields that change only how a trained model is evaluated: a stored run is evaluated again, not retrained.
+EVALUATION_FIELDS = ("tta", "tta_shifts")
 HEADS = ("gap", "flatten")
 
 
@@ -47,7 +49,11 @@ class Recipe:
     shift_pixels: int = 0  # Augmentation: random shifts of up to this many pixels each way.
     horizontal_flip: bool = False  # Augmentation: mirror left-right (never upside down: clothes have an up).
     erasing: float = 0.0  # Augmentation: probability of erasing a random rectangle (random erasing).
-    tta: bool = False  # Test-time augmentation: average the prediction with its mirror image's.
+    tta: bool = False  # Test-time augmentation in the test figures: the mean over the views below.
+    # Test-time augmentation's views: the image and its mirror image; with 1 or more, also the image shifted this
+    # many whole pixels up, down, left and right, each with its mirror image (10 views in all). Measured whatever
+    # ``tta`` says (the "with TTA" column); ``tta`` decides whether the recipe's test figures use it.
+    tta_shifts: int = 0
     optimizer: str = "adam"  # "adam", or "sgd" (Nesterov momentum 0.9).
     weight_decay: float = 0.0  # Decoupled weight decay (AdamW's for Adam), scaled by the learning rate each step.
     warmup_epochs: int = 0  # Linear warm-up from 0 before the cosine decay: a one-cycle shape.
@@ -102,8 +108,9 @@ class Recipe:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.erasing <= 1.0:
             problems.append(f"erasing={self.erasing} must be a probability")
-        if not 0 <= self.shift_pixels < 14:
-            problems.append(f"shift_pixels={self.shift_pixels} must be between 0 and 13")
+        for name in ("shift_pixels", "tta_shifts"):
+            if not 0 <= getattr(self, name) < 14:
+                problems.append(f"{name}={getattr(self, name)} must be between 0 and 13")
         if len(set(self.separable_stages)) != len(self.separable_stages) or not all(
             2 <= stage <= len(self.stages) for stage in self.separable_stages
         ):
@@ -140,6 +147,10 @@ class Recipe:
         """A copy with ``learning_rate``, ``batch_size`` and ``dropout_rate`` from ``values``."""
         chosen = {key: values[key] for key in ("learning_rate", "batch_size", "dropout_rate")}
         return dataclasses.replace(self, **chosen)
+
+    def evaluated_as(self, other: Recipe) -> Recipe:
+        """This recipe's training with ``other``'s evaluation (the fields of ``EVALUATION_FIELDS``)."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in EVALUATION_FIELDS})
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -286,6 +286,13 @@ def _http_figures(load: dict) -> str:
     )
 
 
+def _served_model(serving: dict) -> str:
+    """Which model a bench served, in words (bench files written before the file was recorded name the kind)."""
+    if serving["model"] == "shipped":
+        return f"the shipped classifier: `deploy/{serving['file']}`, {serving['size_bytes'] / 1024:.0f} KB"
+    return f"the study's {serving['model']} model"
+
+
 def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
     """Per-engine size, latency and throughput as a table; the serving process's figures as Markdown."""
     if not bench:
@@ -313,7 +320,7 @@ def deployment_tables(bench: dict | None) -> tuple[pd.DataFrame, str]:
         1 for kind in load["error_kinds"] + closed["error_kinds"] if kind.startswith("HTTP 5")
     )
     serving_lines = [
-        f"The serving process (`fmnist serve`, {serving['model']} model), measured on loopback with "
+        f"The serving process (`fmnist serve`, {_served_model(serving)}), measured on loopback with "
         f"{serving['request_image']} requests (`fmnist bench`, phases in this order):",
         "",
         f"- cold start to first answer: **{serving['cold_start_to_first_answer_s']:.2f} s**",
