@@ -90,3 +90,9 @@ def test_bench_of_the_shipped_classifier_needs_it_shipped_first(tmp_path, capsys
     assert main(["bench", "--out", str(tmp_path), "--serve-model", "shipped"]) == 2
     error = capsys.readouterr().err
     assert str(layout.shipped_model) in error and "05_deploy" in error
+
+
+def test_verify_run_names_a_run_that_is_not_there(tmp_path, capsys):
+    assert main(["verify-run", "no_such_recipe", "42", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "no stored run" in error and "no_such_recipe" in error

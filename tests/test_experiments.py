@@ -391,8 +391,8 @@ def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retraine
     images = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32)
     labels = np.arange(40) % 10
 
-    def rerun(shifts, *, students=True, train_missing=True):
-        teacher = Recipe.from_params("tiny", {**network, "tta": True, "tta_shifts": shifts})
+    def rerun(shifts, *, students=True, train_missing=True, teacher_tta=True):
+        teacher = Recipe.from_params("tiny", {**network, "tta": teacher_tta, "tta_shifts": shifts})
         student = Recipe.from_params("pupil", {**network, "teacher": "tiny", "tta_shifts": shifts})
         return experiments.run_all(
             [(teacher, 1), (student, 1)] if students else [(teacher, 1)],
@@ -423,6 +423,11 @@ def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retraine
     assert teacher_now["test"] == teacher_now["test_with_tta"] != teacher_now["test_without_tta"]
     assert teacher_now["test_without_tta"] == teacher_run["test_without_tta"]
     assert teacher_now["validation"] == teacher_run["validation"] and teacher_now["train_seconds"] == 60.0
+    # A summary-only pass then re-points the student in what it reports, but writes nothing.
+    student_bytes = student_path.read_bytes()
+    kept, missing = rerun(1, train_missing=False)
+    assert missing == [] and student_path.read_bytes() == student_bytes
+    assert kept[1]["teacher"]["run_sha256"] == experiments.file_digest(teacher_path)
     # The next pass finds the student pointing at the old file: the same teacher model taught it, so it is
     # re-pointed at the rewritten file and evaluated again, not retrained.
     kept, _ = rerun(1)
@@ -431,11 +436,18 @@ def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retraine
     assert student_now["teacher"]["run_sha256"] == experiments.file_digest(teacher_path)
     assert student_now["test"] == student_now["test_without_tta"] == student_run["test_without_tta"]
     assert student_now["validation_tta"]["views"] == 10
+    # Once current, a pass rewrites nothing.
+    digests = [experiments.file_digest(path) for path in (teacher_path, student_path)]
     messages.clear()
     rerun(1)
-    assert trained == [] and all("kept" in message for message in messages)
-    # Without its model on disk a recipe whose evaluation changed cannot be evaluated: it is retrained.
+    assert trained == [] and all(message.endswith("kept (seed1.json)") for message in messages)
+    assert [experiments.file_digest(path) for path in (teacher_path, student_path)] == digests
+    # Toggling tta alone needs no model (both figures are recorded), as on a fresh clone.
     experiments.model_path(models, "tiny", 1).unlink()
+    rerun(1, teacher_tta=False)
+    toggled = json.loads(teacher_path.read_text())
+    assert trained == [] and toggled["test"] == toggled["test_without_tta"] and not toggled["recipe"]["tta"]
+    # Other views without its model on disk cannot be evaluated: it is retrained.
     rerun(0)
     assert trained[0] == "tiny"
     assert any("its evaluation changed and its model is not on disk" in message for message in messages)
@@ -605,3 +617,32 @@ def test_latency_figures_include_every_tta_view_count(tmp_path):
     # One call, two (flip TTA) and ten (flips of the image and its four shifts): each timed as it is served.
     assert figures["p50_ms"] > 0 and figures["tta_p50_ms"] > 0 and figures["shift_tta_p50_ms"] > 0
     assert figures["size_bytes"] == path.stat().st_size
+
+
+def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
+    recipe = Recipe.from_params(
+        "tiny", {"architecture": "bn_cnn", "width": 4, "stages": [1, 1, 1], "epochs": 1, "patience": 0, "tta": True}
+    )
+    rng = np.random.default_rng(0)
+    images = rng.random((120, 28, 28, 1), dtype=np.float32)
+    labels = np.arange(120) % 10
+    arrays = {"x_train_full": images, "y_train_full": labels, "x_test": images[:30], "y_test": labels[:30]}
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    experiments.run_one(
+        recipe, 1, **arrays, validation_size=20, train_subset=0, runs_dir=runs, models_dir=models, verbose=0
+    )
+    stored_path = experiments.run_path(runs, recipe, 1)
+    stored = stored_path.read_bytes()
+    record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "scratch", **arrays)
+    assert record["identical"] and record["differences"] == [] and stored_path.read_bytes() == stored
+    assert record["training_code"] == record["stored_training_code"]
+    # A stored figure that the code no longer computes is found and named.
+    tampered = json.loads(stored)
+    tampered["test_with_tta"]["accuracy"] += 0.01
+    tampered["history"]["loss"][0] += 0.01
+    stored_path.write_text(json.dumps(tampered))
+    record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "again", **arrays)
+    assert not record["identical"] and record["differences"] == ["history", "test_with_tta"]
+    assert record["split"] == {"validation_size": 20, "train_subset": 0, "recorded": True}
+    with pytest.raises(FileNotFoundError, match="no stored run"):
+        experiments.verify_run("missing", 1, runs_dir=runs, models_dir=models, scratch=tmp_path, **arrays)

@@ -228,6 +228,45 @@ def _latency(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_run(arguments: argparse.Namespace) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from fmnist import data
+    from fmnist.config import ArtifactLayout
+    from fmnist.io import write_json
+
+    layout = ArtifactLayout(arguments.out)
+    try:
+        dataset = data.load_fashion_mnist()
+        from fmnist import experiments
+
+        with tempfile.TemporaryDirectory(prefix="fmnist-verify-") as scratch:
+            record = experiments.verify_run(
+                arguments.recipe,
+                arguments.seed,
+                runs_dir=layout.experiment_runs,
+                models_dir=layout.experiment_models,
+                scratch=Path(scratch),
+                x_train_full=dataset.x_train,
+                y_train_full=dataset.y_train,
+                x_test=dataset.x_test,
+                y_test=dataset.y_test,
+                split={"validation_size": arguments.validation_size, "train_subset": arguments.train_subset},
+                verbose=2 if arguments.verbose else 0,
+            )
+    except (FileNotFoundError, ValueError, data.DataError) as error:
+        print(f"fmnist verify-run: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, indent=2))
+    if arguments.json:
+        write_json(arguments.json, record)
+    verdict = "reproduced exactly" if record["identical"] else f"differs in {', '.join(record['differences'])}"
+    print(f"fmnist verify-run: {arguments.recipe} seed {arguments.seed}: {verdict} ({record['minutes']} min)")
+    return 0 if record["identical"] else 1
+
+
 def _runs(arguments: argparse.Namespace) -> int:
     from fmnist import run_index
     from fmnist.io import write_text
@@ -452,6 +491,32 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--json", help="also write the figures to this file")
     add_load_arguments(load)
     load.set_defaults(handler=_loadtest)
+
+    verify = commands.add_parser(
+        "verify-run",
+        help="retrain one stored experiment run with this code and compare it with what it recorded",
+        description="Retrain a stored 06_experiments run (its recipe, seed and split as recorded) in a temporary "
+        "directory and compare its history, validation and test figures with the stored ones; exit 0 when all "
+        "are identical, 1 when any differs. The stored run is only read. Example: fmnist verify-run bn_cnn_deep 42",
+    )
+    verify.add_argument("recipe", help="a recipe name under OUT/experiments/runs/")
+    verify.add_argument("seed", type=int, help="its seed")
+    verify.add_argument("--out", default=str(REPORTS_DIR), help="the study run holding it (default: %(default)s)")
+    verify.add_argument("--json", help="also write the comparison to this file")
+    verify.add_argument(
+        "--validation-size",
+        type=int,
+        default=6000,
+        help="for a run that does not record its split: its validation images (default: %(default)s, the study's)",
+    )
+    verify.add_argument(
+        "--train-subset",
+        type=int,
+        default=0,
+        help="for a run that does not record its split: its training subset (default: %(default)s, all)",
+    )
+    verify.add_argument("--verbose", action="store_true", help="show the training's epochs")
+    verify.set_defaults(handler=_verify_run)
 
     latency = commands.add_parser(
         "latency",

@@ -402,7 +402,8 @@ def _keep(
     before = file_digest(path)
     if re_point_teacher is not None:
         result["teacher"]["run_sha256"] = re_point_teacher
-        write_json(path, result)
+        if refresh:  # train_missing=False writes nothing.
+            write_json(path, result)
         progress(f"{label}: its teacher's run was rewritten, not retrained; the same training, so it is kept")
     if evaluate_again:
         stored = _stored_recipe(result["recipe"])
@@ -411,17 +412,20 @@ def _keep(
             for name in EVALUATION_FIELDS
             if getattr(stored, name) != getattr(recipe, name)
         )
-        x_val, y_val = validation_split(seed)
-        model = keras.models.load_model(model_path(models_dir, recipe.name, seed))
-        fresh = evaluate(model, recipe, x_val, y_val, x_test, y_test)[2]
-        # Only the figures with TTA change: those without it stay as the run recorded them.
-        stored_tta = result.get("validation_tta") or {}
-        result["validation_tta"] = {
-            **fresh["validation_tta"],
-            **{k: v for k, v in stored_tta.items() if k != "accuracy_with" and k != "views"},
-        }
-        result["test_with_tta"] = fresh["test_with_tta"]
-        result.setdefault("test_without_tta", fresh["test_without_tta"])
+        if stored.tta_shifts != recipe.tta_shifts:
+            # Other views: the model on disk is evaluated with them. (Toggling tta alone needs no model: the
+            # run recorded its figures both with and without its TTA.)
+            x_val, y_val = validation_split(seed)
+            model = keras.models.load_model(model_path(models_dir, recipe.name, seed))
+            fresh = evaluate(model, recipe, x_val, y_val, x_test, y_test)[2]
+            # Only the figures with TTA change: those without it stay as the run recorded them.
+            stored_tta = result.get("validation_tta") or {}
+            result["validation_tta"] = {
+                **fresh["validation_tta"],
+                **{k: v for k, v in stored_tta.items() if k != "accuracy_with" and k != "views"},
+            }
+            result["test_with_tta"] = fresh["test_with_tta"]
+            result.setdefault("test_without_tta", fresh["test_without_tta"])
         result["test"] = result["test_with_tta"] if recipe.tta else result["test_without_tta"]
         result["recipe"] = recipe.as_dict()
         write_json(path, result)
@@ -521,7 +525,9 @@ def run_all(
             model_on_disk = model_path(models_dir, recipe.name, seed).is_file()
             images_given = all(data_and_settings.get(name) is not None for name in ("x_test", "y_test"))
             images_given = images_given and _validation_split(data_and_settings) is not None
-            evaluate_again = evaluation_only and train_missing and model_on_disk and images_given
+            # Toggling tta alone picks the other recorded figures; other views need the model and the images.
+            toggled = evaluation_only and stored.tta_shifts == recipe.tta_shifts and "test_with_tta" in result
+            evaluate_again = evaluation_only and train_missing and (toggled or (model_on_disk and images_given))
             # train_missing=False writes nothing: such a run is summarised with the evaluation it recorded.
             as_recorded = evaluation_only and not train_missing
             if (stored == recipe or evaluate_again or as_recorded) and not stale_teacher and not other_split:
@@ -791,3 +797,110 @@ def measure_throughput(
         figures["bfloat16_speedup"] = runs["float32_augmented"]["step_ms"] / runs["bfloat16_augmented"]["step_ms"]
     figures["machine"] = describe_machine()
     return figures
+
+
+# What a retraining must reproduce to count as the same run: everything it computes, not how long it took.
+REPRODUCED_FIELDS = ("history", "validation", "validation_tta", "test", "test_without_tta", "test_with_tta")
+
+
+def _without_times(value: Any) -> Any:
+    """``value`` without its ``epoch_seconds`` entries (the one thing a faithful retraining changes)."""
+    if isinstance(value, dict):
+        return {key: _without_times(item) for key, item in value.items() if key != "epoch_seconds"}
+    if isinstance(value, list):
+        return [_without_times(item) for item in value]
+    return value
+
+
+def verify_run(
+    name: str,
+    seed: int,
+    *,
+    runs_dir: Path,
+    models_dir: Path,
+    scratch: Path,
+    x_train_full: np.ndarray,
+    y_train_full: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    split: dict[str, int] | None = None,
+    verbose: int = 0,
+) -> dict[str, Any]:
+    """Retrain a stored run with the code here, in ``scratch``, and compare what it computes with what the run
+    recorded (its history, validation and test figures, and its fine-tuning's history: ``REPRODUCED_FIELDS``).
+
+    The stored run, and the teacher's run and model for a distilled recipe, are only read. ``split``
+    (``validation_size``, ``train_subset``) is for runs recorded before they recorded their own. Returns a record
+    of the check: which code and machine retrained it, whether every figure came out identical, and which differ.
+    """
+    stored_path = run_path(runs_dir, Recipe(name=name), seed)
+    if not stored_path.is_file():
+        raise FileNotFoundError(f"no stored run {stored_path}: name a recipe and seed that 06_experiments trained.")
+    stored = read_json(stored_path)
+    recipe = _stored_recipe(stored["recipe"])
+    if recipe is None:
+        raise ValueError(f"{stored_path}: its recipe is not one this code can build, so it cannot be retrained here.")
+    recorded_split = stored.get("split")
+    split = recorded_split or split
+    if not split:
+        raise ValueError(
+            f"{stored_path} does not record its split: give the validation_size and train_subset it was trained with."
+        )
+    scratch = Path(scratch)
+    if recipe.teacher:
+        teacher_model = model_path(models_dir, recipe.teacher, seed)
+        if not teacher_model.is_file():
+            raise FileNotFoundError(
+                f"{name} seed {seed} distils {recipe.teacher!r}, whose model {teacher_model} "
+                "is not on disk (models are not committed): retrain the teacher first."
+            )
+        import shutil
+
+        (scratch / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(teacher_model, scratch / "models" / teacher_model.name)
+        teacher_run = run_path(scratch / "runs", Recipe(name=recipe.teacher), seed)
+        teacher_run.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_path(runs_dir, Recipe(name=recipe.teacher), seed), teacher_run)
+    started = time.perf_counter()
+    again = run_one(
+        recipe,
+        seed,
+        x_train_full=x_train_full,
+        y_train_full=y_train_full,
+        x_test=x_test,
+        y_test=y_test,
+        validation_size=split["validation_size"],
+        train_subset=split["train_subset"],
+        runs_dir=scratch / "runs",
+        models_dir=scratch / "models",
+        verbose=verbose,
+    )
+    fields = [*REPRODUCED_FIELDS, *(["quantisation_aware"] if stored.get("quantisation_aware") else [])]
+    compared = {
+        field: _without_times(again.get(field)) == _without_times(stored.get(field))
+        for field in fields
+        if field in stored
+    }
+    if "quantisation_aware" in compared:
+        # Its code digest may differ while what it computed does not: compare its history and figures only.
+        keys = ("history", "validation_before", "equalised")
+        compared["quantisation_aware"] = all(
+            _without_times((again.get("quantisation_aware") or {}).get(key))
+            == _without_times(stored["quantisation_aware"].get(key))
+            for key in keys
+        )
+    return {
+        "recipe": name,
+        "seed": seed,
+        "stored_training_code": stored.get("training_code"),
+        "training_code": again["training_code"],
+        "stored_machine": stored.get("machine"),
+        "machine": again["machine"],
+        "precision": {"stored": stored.get("precision"), "again": again.get("precision")},
+        "split": {**split, "recorded": bool(recorded_split)},
+        "identical": all(compared.values()),
+        "differences": sorted(field for field, same in compared.items() if not same),
+        "test_accuracy": {"stored": stored["test"]["accuracy"], "again": again["test"]["accuracy"]},
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }

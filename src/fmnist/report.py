@@ -524,7 +524,8 @@ def experiments_code_note(layout: ArtifactLayout) -> str:
             f"training path**: {listing}. They are kept because their recipes are unchanged. The version is a "
             "digest of the training path's code, so any edit to it counts, including one that changes nothing "
             "these recipes compute (a new recipe field, say): this code may not reproduce their figures bit for "
-            "bit. Delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
+            "bit. `fmnist verify-run RECIPE SEED` retrains one in a temporary directory and compares its figures "
+            "with the stored ones; delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
         )
     if fine_tuned:
         listing = ", ".join(f"{name} ({count})" for name, count in fine_tuned.items())
