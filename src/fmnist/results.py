@@ -85,8 +85,8 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
 
 
 def tta_label(shifts: int) -> str:
-    """What a recipe's TTA averages, in words."""
-    return f"flip + {shifts}-px shifts (10 views)" if shifts else "flip (2 views)"
+    """How many views a recipe's TTA averages (the notebook says which)."""
+    return "10 views" if shifts else "2 views"
 
 
 def training_seconds(run: dict[str, Any]) -> float:
@@ -167,7 +167,7 @@ def results_table(rows: list[dict[str, Any]]):
             "test loss": plus_minus("test_loss_mean", "test_loss_std"),
             # Which views the "with TTA" column averages, whether or not the recipe's test figures use them.
             "TTA": [
-                tta_label(shifts) if tta else f"no (measured: {tta_label(shifts)})"
+                tta_label(shifts) if tta else f"no ({tta_label(shifts)} measured)"
                 for tta, shifts in zip(frame["tta"], frame.get("tta_shifts", [0] * len(frame)), strict=True)
             ],
             "accuracy without / with TTA": [
