@@ -233,15 +233,13 @@ def _verify_run(arguments: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from fmnist import data
+    from fmnist import data, experiments
     from fmnist.config import ArtifactLayout
     from fmnist.io import write_json
 
     layout = ArtifactLayout(arguments.out)
     try:
         dataset = data.load_fashion_mnist()
-        from fmnist import experiments
-
         with tempfile.TemporaryDirectory(prefix="fmnist-verify-") as scratch:
             record = experiments.verify_run(
                 arguments.recipe,

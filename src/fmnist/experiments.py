@@ -503,6 +503,10 @@ def run_all(
     """
     plan = list(plan)
     results, missing = [], []
+    validation_split = _validation_split(data_and_settings)
+    images_given = validation_split is not None and all(
+        data_and_settings.get(name) is not None for name in ("x_test", "y_test")
+    )
     first_seed: dict[str, int] = {}
     for recipe, seed in plan:
         first_seed.setdefault(recipe.name, seed)
@@ -515,16 +519,18 @@ def run_all(
             teacher_path = run_path(runs_dir, Recipe(name=recipe.teacher), seed) if recipe.teacher else None
             current = _sha_or_none(teacher_path) if teacher_path else None
             # A teacher's file rewritten without retraining (re-exported, evaluated again) lists its old digests.
-            rewritten_from = read_json(teacher_path).get("rewritten_from", []) if current else []
-            re_pointed = bool(recipe.teacher) and recorded != current and recorded in rewritten_from
+            re_pointed = (
+                bool(recipe.teacher)
+                and current is not None
+                and recorded != current
+                and recorded in read_json(teacher_path).get("rewritten_from", [])
+            )
             stale_teacher = bool(recipe.teacher) and recorded != current and not re_pointed
             other_split = _other_split(result, data_and_settings)
             stored = _stored_recipe(result["recipe"])
             # A recipe changed only in how its model is evaluated is evaluated again, when it can be.
             evaluation_only = stored is not None and stored != recipe and stored.evaluated_as(recipe) == recipe
             model_on_disk = model_path(models_dir, recipe.name, seed).is_file()
-            images_given = all(data_and_settings.get(name) is not None for name in ("x_test", "y_test"))
-            images_given = images_given and _validation_split(data_and_settings) is not None
             # Toggling tta alone picks the other recorded figures; other views need the model and the images.
             toggled = evaluation_only and stored.tta_shifts == recipe.tta_shifts and "test_with_tta" in result
             evaluate_again = evaluation_only and train_missing and (toggled or (model_on_disk and images_given))
@@ -546,7 +552,7 @@ def run_all(
                     models_dir=models_dir,
                     x_test=data_and_settings.get("x_test"),
                     y_test=data_and_settings.get("y_test"),
-                    validation_split=_validation_split(data_and_settings),
+                    validation_split=validation_split,
                     evaluate_again=evaluate_again,
                     progress=progress,
                 )
@@ -875,19 +881,17 @@ def verify_run(
         models_dir=scratch / "models",
         verbose=verbose,
     )
-    fields = [*REPRODUCED_FIELDS, *(["quantisation_aware"] if stored.get("quantisation_aware") else [])]
     compared = {
-        field: _without_times(again.get(field)) == _without_times(stored.get(field))
-        for field in fields
+        field: _without_times(again.get(field)) == _without_times(stored[field])
+        for field in REPRODUCED_FIELDS
         if field in stored
     }
-    if "quantisation_aware" in compared:
+    if stored.get("quantisation_aware"):
         # Its code digest may differ while what it computed does not: compare its history and figures only.
-        keys = ("history", "validation_before", "equalised")
         compared["quantisation_aware"] = all(
             _without_times((again.get("quantisation_aware") or {}).get(key))
             == _without_times(stored["quantisation_aware"].get(key))
-            for key in keys
+            for key in ("history", "validation_before", "equalised")
         )
     return {
         "recipe": name,
