@@ -96,3 +96,17 @@ def test_verify_run_names_a_run_that_is_not_there(tmp_path, capsys):
     assert main(["verify-run", "no_such_recipe", "42", "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "no stored run" in error and "no_such_recipe" in error
+
+
+def test_verify_run_refuses_while_an_unfinished_run_would_replace_its_check(tmp_path, capsys):
+    from fmnist import runs
+
+    out = tmp_path / "reports"
+    out.mkdir()
+    work = runs.work_dir_for(out)
+    work.mkdir()
+    (work / runs.RUN_FILE).write_text("{}")
+    assert main(["verify-run", "bn_cnn_deep", "42", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "unfinished `fmnist run`" in error and str(work) in error
+    assert not (out / "experiments").exists()

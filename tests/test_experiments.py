@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -573,14 +574,42 @@ def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
         path.write_text(json.dumps(run))
     note = experiments_code_note(layout)
     assert "1 of 2 stored runs were trained by an earlier version" in note and "old (1)" in note
-    (layout.experiment_runs / "old" / "seed1.json").unlink()
-    assert experiments_code_note(layout) == ""
-    # A run fine-tuned for int8 by other fine-tuning code is named too; one by this code is not.
+    # A check by fmnist verify-run vouches for the run only if it reproduced this file with this code.
+    from fmnist.runs import file_digest
+
+    old_path = layout.experiment_runs / "old" / "seed1.json"
+    check = {
+        "identical": True,
+        "training_code": training.training_code_version(),
+        "run_sha256": file_digest(old_path),
+        "date": "2026-12-01",
+    }
+    check_path = experiments.verification_path(layout.experiment_verifications, "old", 1)
+    for stale in ({"identical": False}, {"training_code": "older"}, {"run_sha256": "another file"}):
+        check_path.parent.mkdir(parents=True, exist_ok=True)
+        check_path.write_text(json.dumps({**check, **stale}))
+        assert "1 of 2 stored runs were trained by an earlier version" in experiments_code_note(layout)
+    # A run fine-tuned for int8 is vouched for only if the check's fine-tuning code is this code too.
     from fmnist.quantisation import fine_tuning_code_version
 
+    run = json.loads(old_path.read_text())
+    old_path.write_text(json.dumps({**run, "quantisation_aware": {"epochs": 1, "code": fine_tuning_code_version()}}))
+    check["run_sha256"] = file_digest(old_path)
+    check_path.write_text(json.dumps({**check, "fine_tuning_code": "older"}))
+    assert "1 of 2 stored runs were trained by an earlier version" in experiments_code_note(layout)
+    check["fine_tuning_code"] = fine_tuning_code_version()
+    check_path.write_text(json.dumps(check))
+    note = experiments_code_note(layout)
+    assert "earlier version" not in note
+    assert "1 stored run was retrained by this code and reproduced every figure exactly" in note
+    assert "old seed 1 (2026-12-01)" in note
+    check_path.unlink()
+    old_path.unlink()
+    assert experiments_code_note(layout) == ""
+    # A run fine-tuned for int8 by other fine-tuning code is named too; one by this code is not.
     path = layout.experiment_runs / "new" / "seed1.json"
     path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": "older"}}))
-    assert "1 stored runs were fine-tuned for int8 by an earlier version" in experiments_code_note(layout)
+    assert "1 stored run was fine-tuned for int8 by an earlier version" in experiments_code_note(layout)
     path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": fine_tuning_code_version()}}))
     assert experiments_code_note(layout) == ""
 
@@ -636,6 +665,24 @@ def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
     record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "scratch", **arrays)
     assert record["identical"] and record["differences"] == [] and stored_path.read_bytes() == stored
     assert record["training_code"] == record["stored_training_code"]
+    assert record["restored_model"] is None
+    # A fresh clone has the run but not its model: a run that reproduces exactly gets it back with restore.
+    model_file = experiments.model_path(models, "tiny", 1)
+    model_file.unlink()
+    record = experiments.verify_run(
+        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "restore", restore=True, **arrays
+    )
+    assert record["restored_model"] == str(model_file)
+    restored = keras.models.load_model(model_file)
+    assert experiments.scores(labels[:30], restored.predict(images[:30], verbose=0))["accuracy"] == pytest.approx(
+        json.loads(stored)["test_without_tta"]["accuracy"]
+    )
+    # A model already on disk is never replaced.
+    before = model_file.read_bytes()
+    record = experiments.verify_run(
+        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "kept", restore=True, **arrays
+    )
+    assert record["restored_model"] is None and model_file.read_bytes() == before
     # A stored figure that the code no longer computes is found and named.
     tampered = json.loads(stored)
     tampered["test_with_tta"]["accuracy"] += 0.01
@@ -643,6 +690,12 @@ def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
     stored_path.write_text(json.dumps(tampered))
     record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "again", **arrays)
     assert not record["identical"] and record["differences"] == ["history", "test_with_tta"]
+    # A run that does not reproduce never lends its retrained model.
+    model_file.unlink()
+    record = experiments.verify_run(
+        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "differs", restore=True, **arrays
+    )
+    assert record["restored_model"] is None and not model_file.exists()
     assert record["split"] == {"validation_size": 20, "train_subset": 0, "recorded": True}
     with pytest.raises(FileNotFoundError, match="no stored run"):
         experiments.verify_run("missing", 1, runs_dir=runs, models_dir=models, scratch=tmp_path, **arrays)

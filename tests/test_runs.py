@@ -92,6 +92,48 @@ def test_a_stage_is_current_until_its_parameters_inputs_or_outputs_change(tmp_pa
     assert runs.consistency_problems(layout) == []  # Missing (uncommitted) files are not a mix.
 
 
+def test_the_report_reruns_when_fmnist_verify_run_checks_a_stored_run(tmp_path):
+    layout = ArtifactLayout(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")
+    _record(layout, "04_evaluate", [], ["metrics.json"])
+    _record(layout, "report", runs.stage_inputs(tmp_path, "report"), ["report.html"])
+    (tmp_path / "report.html").write_text("<html>")
+    identity = runs.StageIdentity(params="p", notebook="n", code={})
+    assert runs.why_not_current(layout, "report", identity) is None
+    check = layout.experiment_verifications / "bn_cnn_deep" / "seed42.json"
+    check.parent.mkdir(parents=True)
+    check.write_text(json.dumps({"identical": True}))
+    assert runs.stage_inputs(tmp_path, "report") == ["experiments/verified/bn_cnn_deep/seed42.json", "metrics.json"]
+    assert runs.why_not_current(layout, "report", identity) is not None
+    # The checks sit in 06_experiments' directory but are never its outputs: a later check does not make it stale.
+    (tmp_path / "experiments" / "runs").mkdir()
+    (tmp_path / "experiments" / "runs" / "seed42.json").write_text("{}")
+    assert runs.stage_outputs(tmp_path, "06_experiments", {}) == ["experiments/runs/seed42.json"]
+
+
+def test_a_restored_model_is_released_from_the_record_of_the_stage_that_wrote_another(tmp_path):
+    layout = ArtifactLayout(tmp_path)
+    model = tmp_path / "experiments" / "models" / "wide_seed42.keras"
+    model.parent.mkdir(parents=True)
+    model.write_text("weights, saved on Monday")
+    (tmp_path / "experiments" / "summary.json").write_text("{}")
+    _record(layout, "06_experiments", [], ["experiments/models/wide_seed42.keras", "experiments/summary.json"])
+    _record(layout, "report", runs.stage_inputs(tmp_path, "report"), [])
+    model.write_text("the same weights, saved on Tuesday")
+    problems = runs.consistency_problems(layout)
+    assert "wide_seed42.keras is not the file 06_experiments wrote" in problems[0]
+    assert "wide_seed42.keras is not the file report read" in problems[1]
+    assert runs.release_output(layout, model) == "06_experiments"
+    assert runs.consistency_problems(layout) == []
+    identity = runs.StageIdentity(params="p", notebook="n", code={})
+    assert runs.why_not_current(layout, "06_experiments", identity) is None
+    assert list(runs.read_record(layout, "06_experiments")["outputs"]) == ["experiments/summary.json"]
+    # The report no longer counts the file among what it read, and nothing it shows came from its bytes.
+    assert runs.why_not_current(layout, "report", identity) is None
+    assert "experiments/models/wide_seed42.keras" not in runs.read_record(layout, "report")["inputs"]
+    assert runs.release_output(layout, model) is None  # Already released: nothing records it.
+
+
 def test_untracked_stages_mixed_with_a_tracked_run_are_refused(tmp_path):
     layout = ArtifactLayout(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")

@@ -233,14 +233,22 @@ def _verify_run(arguments: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from fmnist import data, experiments
+    from fmnist import data, experiments, runs
     from fmnist.config import ArtifactLayout
     from fmnist.io import write_json
 
     layout = ArtifactLayout(arguments.out)
     try:
+        unfinished = runs.work_dir_for(layout.root)
+        if (unfinished / runs.RUN_FILE).is_file():
+            # That run started from a copy of the directory and replaces it when it completes.
+            raise ValueError(
+                f"an unfinished `fmnist run` in {unfinished} will replace {layout.root} when it completes, and "
+                f"this check with it: finish that run (rerun its command) or delete {unfinished}, then verify."
+            )
         dataset = data.load_fashion_mnist()
-        with tempfile.TemporaryDirectory(prefix="fmnist-verify-") as scratch:
+        # No `fmnist run` may publish over the directory while the check writes into it.
+        with runs.exclusive(layout.root), tempfile.TemporaryDirectory(prefix="fmnist-verify-") as scratch:
             record = experiments.verify_run(
                 arguments.recipe,
                 arguments.seed,
@@ -252,8 +260,17 @@ def _verify_run(arguments: argparse.Namespace) -> int:
                 x_test=dataset.x_test,
                 y_test=dataset.y_test,
                 split={"validation_size": arguments.validation_size, "train_subset": arguments.train_subset},
+                restore=arguments.restore,
                 verbose=2 if arguments.verbose else 0,
             )
+            # The latest check of each run is kept beside the runs, where the report finds it.
+            write_json(
+                experiments.verification_path(layout.experiment_verifications, arguments.recipe, arguments.seed),
+                record,
+            )
+            if record["restored_model"]:
+                # Not the bytes 06_experiments wrote (Keras stamps the date): its record stops vouching for them.
+                runs.release_output(layout, Path(record["restored_model"]))
     except (FileNotFoundError, ValueError, data.DataError) as error:
         print(f"fmnist verify-run: error: {error}", file=sys.stderr)
         return 2
@@ -262,6 +279,10 @@ def _verify_run(arguments: argparse.Namespace) -> int:
         write_json(arguments.json, record)
     verdict = "reproduced exactly" if record["identical"] else f"differs in {', '.join(record['differences'])}"
     print(f"fmnist verify-run: {arguments.recipe} seed {arguments.seed}: {verdict} ({record['minutes']} min)")
+    if record["restored_model"]:
+        print(f"fmnist verify-run: its model is back in {record['restored_model']}")
+    elif arguments.restore and record["identical"]:
+        print("fmnist verify-run: its model was already on disk; left as it was")
     return 0 if record["identical"] else 1
 
 
@@ -512,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="for a run that does not record its split: its training subset (default: %(default)s, all)",
+    )
+    verify.add_argument(
+        "--restore",
+        action="store_true",
+        help="when it reproduces exactly and its model is not on disk, keep the retrained model there (a fresh "
+        "clone's teacher, say, without retraining its run or its students)",
     )
     verify.add_argument("--verbose", action="store_true", help="show the training's epochs")
     verify.set_defaults(handler=_verify_run)

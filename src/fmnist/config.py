@@ -181,6 +181,11 @@ class ArtifactLayout:
         return self.experiments / "models"
 
     @property
+    def experiment_verifications(self) -> Path:
+        """``fmnist verify-run``'s latest check of each stored run: ``verified/<recipe>/seed<N>.json``."""
+        return self.experiments / "verified"
+
+    @property
     def experiments_summary(self) -> Path:
         return self.experiments / "summary.json"
 

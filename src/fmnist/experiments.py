@@ -67,6 +67,11 @@ def run_path(runs_dir: Path, recipe: Recipe, seed: int) -> Path:
     return Path(runs_dir) / recipe.name / f"seed{seed}.json"
 
 
+def verification_path(verifications_dir: Path, recipe_name: str, seed: int) -> Path:
+    """Where ``fmnist verify-run`` keeps its latest check of a stored run (the report reads them)."""
+    return Path(verifications_dir) / recipe_name / f"seed{seed}.json"
+
+
 def tensorboard_path(tensorboard_dir: Path, recipe_name: str, seed: int) -> Path:
     """Where a run's TensorBoard log goes: one directory per (recipe, seed), so the curves compare side by side."""
     return Path(tensorboard_dir) / f"{recipe_name}_seed{seed}"
@@ -830,6 +835,7 @@ def verify_run(
     x_test: np.ndarray,
     y_test: np.ndarray,
     split: dict[str, int] | None = None,
+    restore: bool = False,
     verbose: int = 0,
 ) -> dict[str, Any]:
     """Retrain a stored run with the code here, in ``scratch``, and compare what it computes with what the run
@@ -838,11 +844,16 @@ def verify_run(
     The stored run, and the teacher's run and model for a distilled recipe, are only read. ``split``
     (``validation_size``, ``train_subset``) is for runs recorded before they recorded their own. Returns a record
     of the check: which code and machine retrained it, whether every figure came out identical, and which differ.
+
+    With ``restore``, a run that reproduced exactly and whose model is not in ``models_dir`` (models are not
+    committed) gets the retrained model there: the same network its figures describe, so its students can be
+    trained, or it evaluated again, without retraining it. A model already there is never replaced.
     """
     stored_path = run_path(runs_dir, Recipe(name=name), seed)
     if not stored_path.is_file():
         raise FileNotFoundError(f"no stored run {stored_path}: name a recipe and seed that 06_experiments trained.")
     stored = read_json(stored_path)
+    stored_digest = file_digest(stored_path)
     recipe = _stored_recipe(stored["recipe"])
     if recipe is None:
         raise ValueError(f"{stored_path}: its recipe is not one this code can build, so it cannot be retrained here.")
@@ -893,16 +904,30 @@ def verify_run(
             == _without_times(stored["quantisation_aware"].get(key))
             for key in ("history", "validation_before", "equalised")
         )
+    identical = all(compared.values())
+    restored = None
+    if restore and identical:
+        stored_model = model_path(models_dir, name, seed)
+        if not stored_model.exists():
+            import shutil
+
+            with atomic_path(stored_model) as temporary:
+                shutil.copyfile(model_path(scratch / "models", name, seed), temporary)
+            restored = str(stored_model)
     return {
         "recipe": name,
         "seed": seed,
+        # The check holds for this run file only: a run retrained since is not vouched for.
+        "run_sha256": stored_digest,
+        "restored_model": restored,
         "stored_training_code": stored.get("training_code"),
         "training_code": again["training_code"],
+        "fine_tuning_code": (again.get("quantisation_aware") or {}).get("code"),
         "stored_machine": stored.get("machine"),
         "machine": again["machine"],
         "precision": {"stored": stored.get("precision"), "again": again.get("precision")},
         "split": {**split, "recorded": bool(recorded_split)},
-        "identical": all(compared.values()),
+        "identical": identical,
         "differences": sorted(field for field, same in compared.items() if not same),
         "test_accuracy": {"stored": stored["test"]["accuracy"], "again": again["test"]["accuracy"]},
         "minutes": round((time.perf_counter() - started) / 60, 1),

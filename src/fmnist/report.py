@@ -499,19 +499,38 @@ def compute_block(summary: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _runs_were(count: int) -> str:
+    return "1 stored run was" if count == 1 else f"{count} stored runs were"
+
+
 def experiments_code_note(layout: ArtifactLayout) -> str:
     """Which stored experiment runs an earlier training path, or earlier fine-tuning code, produced (kept while
     their recipe is unchanged)."""
+    from fmnist.experiments import verification_path
     from fmnist.quantisation import fine_tuning_code_version
+    from fmnist.runs import file_digest
     from fmnist.training import training_code_version
 
     current, fine_tuning = training_code_version(), fine_tuning_code_version()
     earlier: dict[str, int] = {}
     fine_tuned: dict[str, int] = {}
+    reproduced: list[str] = []
     total = 0
     for path in sorted(layout.experiment_runs.glob("*/seed*.json")):
         total += 1
         run = read_json(path)
+        check = verification_path(layout.experiment_verifications, path.parent.name, run.get("seed"))
+        check = read_json(check) if check.is_file() else {}
+        # fmnist verify-run retrained this very run file with this code and got every figure again.
+        vouched = (
+            check.get("identical") is True
+            and check.get("training_code") == current
+            and check.get("run_sha256") == file_digest(path)
+            and (not run.get("quantisation_aware") or check.get("fine_tuning_code") == fine_tuning)
+        )
+        if vouched:
+            reproduced.append(f"{path.parent.name} seed {run.get('seed')} ({check.get('date')})")
+            continue
         if run.get("training_code") != current:
             earlier[path.parent.name] = earlier.get(path.parent.name, 0) + 1
         if run.get("quantisation_aware") and run["quantisation_aware"].get("code") != fine_tuning:
@@ -527,10 +546,15 @@ def experiments_code_note(layout: ArtifactLayout) -> str:
             "bit. `fmnist verify-run RECIPE SEED` retrains one in a temporary directory and compares its figures "
             "with the stored ones; delete `experiments/runs/<recipe>/` and run `make experiments` to retrain them."
         )
+    if reproduced:
+        notes.append(
+            f"**{_runs_were(len(reproduced))} retrained by this code and reproduced every figure exactly** "
+            f"(`fmnist verify-run`, its checks in `experiments/verified/`): {', '.join(reproduced)}."
+        )
     if fine_tuned:
         listing = ", ".join(f"{name} ({count})" for name, count in fine_tuned.items())
         notes.append(
-            f"**{sum(fine_tuned.values())} stored runs were fine-tuned for int8 by an earlier version of the "
+            f"**{_runs_were(sum(fine_tuned.values()))} fine-tuned for int8 by an earlier version of the "
             f"fine-tuning code** (or before it was recorded): {listing}. They are kept for the same reason."
         )
     return "\n\n".join(notes)

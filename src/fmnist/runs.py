@@ -36,6 +36,8 @@ RUN_FILE = "run.json"
 RECORD_KEY = "run"
 # Working state that is neither an input nor an output: resumable caches, never compared or published as results.
 CACHE_PATHS = ("tuning/keras_tuner", "model/checkpoint", "experiments/keras_tuner", "experiments/checkpoints")
+# Files no stage writes, inside a stage's directory: `fmnist verify-run`'s checks (the report reads them).
+UNOWNED_PATHS = ("experiments/verified",)
 # What each stage owns outright (every file below is its output), besides its figures and executed notebook.
 OWNED_PATHS = {
     "01_eda": ("eda",),
@@ -110,7 +112,8 @@ def params_digest(params: dict[str, Any]) -> str:
 
 
 def _is_cache(relative: str) -> bool:
-    return any(relative == cache or relative.startswith(cache + "/") for cache in CACHE_PATHS)
+    """Whether a file is nobody's output: a cache, or a file written outside the stages."""
+    return any(relative == cache or relative.startswith(cache + "/") for cache in CACHE_PATHS + UNOWNED_PATHS)
 
 
 def _files_below(root: Path, relative: str) -> list[str]:
@@ -160,6 +163,8 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
         record = read_record(layout, other)
         if other != REPORT_NOTEBOOK and record:
             names += list(record["outputs"])
+    # And fmnist verify-run's checks of stored experiment runs, which no stage writes.
+    names += [path.relative_to(layout.root).as_posix() for path in layout.experiment_verifications.glob("*/seed*.json")]
     return sorted(set(names))
 
 
@@ -245,6 +250,27 @@ def write_record(
         "runner_wall_time_seconds": round(seconds, 1),
     }
     write_json(path, manifest)
+
+
+def release_output(layout: ArtifactLayout, path: Path) -> str | None:
+    """Drop ``path`` from the records of the stage that wrote it and of those that read it, when a file put there
+    since stands in for it (`fmnist verify-run --restore`: a model retrained to the same figures, not the same
+    bytes). The records then no longer vouch for the file, and the run stays consistent. Returns the stage that
+    wrote it, if any recorded it."""
+    name = Path(path).resolve().relative_to(Path(layout.root).resolve()).as_posix()
+    writer = None
+    for stage in ALL_STAGES:
+        manifest_path = layout.stage_manifest(stage)
+        manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+        record = manifest.get(RECORD_KEY)
+        if not record or not (name in record["outputs"] or name in record["inputs"]):
+            continue
+        if name in record["outputs"]:
+            writer = stage
+        record["outputs"].pop(name, None)
+        record["inputs"].pop(name, None)
+        write_json(manifest_path, manifest)
+    return writer
 
 
 def why_not_current(layout: ArtifactLayout, stage: str, identity_now: StageIdentity) -> str | None:
