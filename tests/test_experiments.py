@@ -696,6 +696,6 @@ def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
         "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "differs", restore=True, **arrays
     )
     assert record["restored_model"] is None and not model_file.exists()
-    assert record["split"] == {"validation_size": 20, "train_subset": 0, "recorded": True}
+    assert record["split"] == {"validation_size": 20, "train_subset": 0, "final_fit": False, "recorded": True}
     with pytest.raises(FileNotFoundError, match="no stored run"):
         experiments.verify_run("missing", 1, runs_dir=runs, models_dir=models, scratch=tmp_path, **arrays)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,27 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_native_bf16(monkeypat
     assert training.resolve_precision("auto") == expected
     assert training.resolve_precision("float32") == "float32"
     assert training.resolve_precision("bfloat16") == "bfloat16"
+
+
+def test_the_machine_record_tells_cpu_generations_apart(monkeypatch, tmp_path):
+    from fmnist import manifest
+
+    # Two cores of a Zen 4 EPYC, as /proc/cpuinfo lists them: the name is the same as a Zen 3's.
+    core = (
+        "processor\t: {n}\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+        "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n\n"
+    )
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(core.format(n=0) + core.format(n=1))
+    monkeypatch.setattr(manifest, "CPUINFO", str(cpuinfo))
+    record = manifest.machine()
+    assert (record["cpu"], record["family"], record["model"], record["stepping"]) == ("AMD EPYC", 25, 17, 1)
+    assert record["features"] == ["avx2", "fma", "avx512f", "avx512_bf16"]
+    assert manifest.describe_machine(record).startswith("AMD EPYC (family 25, model 17), ")
+    # A record written before the numbers were kept still describes its machine by name.
+    assert (
+        manifest.describe_machine({"cpu": "AMD EPYC", "cores": 2, "features": ["avx2"]}) == "AMD EPYC, 2 cores (avx2)"
+    )
 
 
 def test_warmup_rises_linearly_into_the_cosine_decay():
@@ -468,3 +490,130 @@ def test_summarising_what_is_on_disk_rewrites_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "refresh_export", lambda *_: pytest.fail("train_missing=False re-exported"))
     kept, missing = experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, train_missing=False)
     assert len(kept) == 1 and missing == []
+
+
+def test_a_final_fit_trains_on_every_training_image_and_records_no_validation_figures(tmp_path):
+    images, labels = _bands(700)
+    test_images, test_labels = _bands(100, seed=1)
+    common = {"architecture": "bn_cnn", "width": 4, "epochs": 1, "patience": 0, "precision": "float32"}
+    judged, final = recipes_from_params({"judged": common, "final": {**common, "final_fit_of": "judged"}}, {}, "")[0]
+    settings = {
+        "x_train_full": images,
+        "y_train_full": labels,
+        "x_test": test_images,
+        "y_test": test_labels,
+        "validation_size": 100,
+        "train_subset": 0,
+        "runs_dir": tmp_path / "runs",
+        "models_dir": tmp_path / "models",
+        "verbose": 0,
+    }
+    split = experiments.run_one(judged, 3, **settings)
+    result = experiments.run_one(final, 3, export=True, **settings)
+    assert (split["train_images"], result["train_images"]) == (600, 700)
+    assert result["validation"] is None and result["validation_tta"] is None
+    assert "val_loss" not in result["history"] and result["epochs_run"] == 1
+    assert result["split"]["final_fit"] is True and split["split"]["final_fit"] is False
+    # Its compute counts every image it saw: all 700.
+    assert result["compute"]["images_seen"] == 700
+    # Its int8 file's agreement with its Keras model is still measured on the split's validation images.
+    from fmnist import data, deploy
+
+    x_val = data.train_validation_split(images, labels, 100, 3)[2]
+    keras_model = training.load_model(experiments.model_path(tmp_path / "models", "final", 3))
+    expected = deploy.probability_agreement(
+        tmp_path / "models" / "final_int8.tflite", x_val, keras_model.predict(x_val, verbose=0)
+    )
+    assert result["litert_served"]["int8"]["validation_probability_difference"] == pytest.approx(expected)
+    summary = {row["recipe"]: row for row in results.summarise([split, result])}
+    assert summary["final"]["validation_accuracy_mean"] is None
+    assert summary["judged"]["validation_accuracy_mean"] == pytest.approx(split["validation"]["accuracy"])
+    assert summary["final"]["validation_tta_gain_mean"] is None
+
+
+@pytest.mark.parametrize(
+    ("final", "message"),
+    [
+        ({"final_fit_of": "nowhere"}, "final_fit_of='nowhere' must name a recipe of this file"),
+        ({"final_fit_of": "judged", "width": 8}, "only epochs, teacher may differ, not width 8 (not 4)"),
+        ({"final_fit_of": "judged", "weight_decay": 0.1}, "not weight_decay 0.1 (not 0.0)"),
+        ({"final_fit_of": "judged", "patience": 3}, "patience=3 stops early on the validation split"),
+        ({"final_fit_of": "final"}, "a recipe cannot be the final fit of itself"),
+    ],
+)
+def test_a_final_fit_must_refit_a_recipe_judged_on_validation_with_the_same_settings(final, message):
+    common = {"architecture": "bn_cnn", "width": 4, "patience": 0}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        recipes_from_params({"judged": common, "final": {**common, **final}}, {}, "")
+    # The epochs may differ (the same compute on more images).
+    recipes_from_params({"judged": common, "final": {**common, "final_fit_of": "judged", "epochs": 9}}, {}, "")
+
+
+def test_only_a_final_fit_learns_from_a_final_fit_and_ablations_never_start_from_one():
+    common = {"architecture": "bn_cnn", "width": 4, "patience": 0}
+    recipes = {
+        "teacher": common,
+        "teacher_final": {**common, "final_fit_of": "teacher"},
+        "student": {**common, "teacher": "teacher"},
+        "student_final": {**common, "final_fit_of": "student", "teacher": "teacher_final"},
+    }
+    recipes_from_params(recipes, {}, "")
+    # A student judged on its validation split must not learn from a teacher that trained on those images.
+    with pytest.raises(ValueError, match="its teacher 'teacher_final' is a final fit"):
+        recipes_from_params({**recipes, "leaky": {**common, "teacher": "teacher_final"}}, {}, "")
+    # A final fit of a student learns from the final fit of the student's teacher, not from another.
+    with pytest.raises(ValueError, match="learns from the final fit of its teacher \\(teacher\\), not from 'teacher'"):
+        recipes_from_params({**recipes, "student_final": {**recipes["student_final"], "teacher": "teacher"}}, {}, "")
+    with pytest.raises(ValueError, match="ablation_base='teacher_final' is a final fit"):
+        recipes_from_params(recipes, {"no_flip": {"horizontal_flip": False}}, "teacher_final")
+    for change in ({"teacher": "teacher_final"}, {"final_fit_of": "teacher"}):
+        with pytest.raises(ValueError, match="can neither be a final fit nor learn from one"):
+            recipes_from_params(recipes, {"changed": change}, "student")
+
+
+def test_a_final_fit_is_judged_by_the_recipe_it_refits_and_ships_in_its_place(tmp_path):
+    from fmnist import deploy
+
+    experiments_dir = tmp_path / "experiments"
+    (experiments_dir / "models").mkdir(parents=True)
+    names = ("judged", "final", "orphan")
+    # The final fit's own agreement on images it trained on flatters it: the rule takes the larger of it and the
+    # refitted recipe's.
+    p99 = {"judged": 0.008, "final": 0.003, "orphan": 0.005}
+    (experiments_dir / "summary.json").write_text(
+        json.dumps({"recipes": [{"recipe": name, "architecture": "bn_cnn"} for name in names]})
+    )
+    for name in names:
+        model = experiments_dir / "models" / f"{name}_int8.tflite"
+        model.write_bytes(name.encode())
+        final_fit_of = {"final": "judged", "orphan": "missing"}.get(name, "")
+        for seed, accuracy in ((42, 0.95), (43, 0.93)):
+            run = {
+                "seed": seed,
+                "recipe": {"name": name, "final_fit_of": final_fit_of},
+                "validation": None if final_fit_of else {"accuracy": accuracy},
+                "validation_tta": None if final_fit_of else {"accuracy_without": accuracy},
+            }
+            if seed == 42:
+                run["litert_files"] = {"int8": model.name}
+                run["litert_sha256"] = {"int8": file_digest(model)}
+                run["litert_served"] = {"int8": {"validation_probability_difference": {"p99": p99[name]}}}
+            path = experiments_dir / "runs" / name / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(run))
+    study = {"recipe": {"architecture": "seed"}, "validation": {"accuracy": 0.92}}
+    candidates = deploy.shipping_candidates(tmp_path / "model_int8.tflite", study, experiments_dir)
+    by_name = {candidate["name"]: candidate for candidate in candidates}
+    # The final fit has no validation split: it is judged by the mean of the recipe it refits.
+    assert by_name["final"]["validation_accuracy"] == pytest.approx(0.94) and by_name["final"]["judged_by"] == "judged"
+    assert by_name["judged"]["judged_by"] is None and by_name["orphan"]["validation_accuracy"] is None
+    assert by_name["final"]["validation_p99"] == 0.008 and by_name["judged"]["validation_p99"] == 0.008
+    candidates[0]["file"] = tmp_path / "model_int8.tflite"
+    latency = {f"{name}_int8.tflite": {"p50_ms": 0.12, "size_bytes": 100_000} for name in names}
+    latency["model_int8.tflite"] = {"p50_ms": 0.1, "size_bytes": 200_000}
+    choice = deploy.choose_shipped(candidates, latency, "study (03_train)")
+    rows = {row["name"]: row for row in choice["candidates"]}
+    # The same settings on more images: on the tie, the final fit ships; one judged by nothing cannot.
+    assert choice["shipped"] == "final" and rows["final"]["judged_by"] == "judged"
+    assert not rows["orphan"]["eligible"] and "the recipe it refits, missing, has none" in rows["orphan"]["reason"]
+    assert "a final fit (trained on the validation split too)" in choice["rule"]

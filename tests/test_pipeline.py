@@ -365,8 +365,15 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     layout = ArtifactLayout(tmp_path)
     summary = json.loads(layout.experiments_summary.read_text())
     rows = {row["recipe"]: row for row in summary["recipes"]}
-    assert set(rows) == {"seed_tuned", "bn_cnn", "bn_cnn_student"}
+    assert set(rows) == {"seed_tuned", "bn_cnn", "bn_cnn_student", "bn_cnn_final", "bn_cnn_student_final"}
     assert all(row["seeds"] == 2 for row in rows.values())
+    # The final fits trained on the training and validation images together, so they have no validation figures;
+    # the student's learnt from the final fit of its teacher.
+    final_student = json.loads((layout.experiment_runs / "bn_cnn_student_final" / "seed7.json").read_text())
+    assert final_student["validation"] is None and final_student["validation_tta"] is None
+    assert final_student["split"]["final_fit"] and final_student["teacher"]["recipe"] == "bn_cnn_final"
+    assert final_student["quantisation_aware"]["validation_before"] is None
+    assert rows["bn_cnn_final"]["validation_accuracy_mean"] is None and rows["bn_cnn"]["validation_accuracy_mean"]
     # The student learnt from bn_cnn's model of its own seed.
     student = json.loads((layout.experiment_runs / "bn_cnn_student" / "seed7.json").read_text())
     assert {key: student["teacher"][key] for key in ("recipe", "model", "seed")} == {
@@ -405,12 +412,13 @@ def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tm
     assert [row["change"] for row in summary["ablation"]][:2] == ["none (the full recipe)", "TTA removed"]
     assert summary["comparison"][0]["test_accuracy"] == 0.90
     assert set(summary["calibration"]) == {"seed_tuned", "bn_cnn"}
-    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 7
+    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 11
     # Every training logged its epochs for TensorBoard, in a directory of its own; so did the search's trials.
     logs = layout.tensorboard_dir / "06_experiments"
     runs = sorted(f"{path.parent.name}_{path.stem}" for path in layout.experiment_runs.glob("*/seed*.json"))
     assert sorted(path.name for path in logs.iterdir() if path.name != "search") == runs
-    assert all(any((logs / run / "validation").iterdir()) for run in runs)
+    assert all(any((logs / run / "validation").iterdir()) for run in runs if "_final_" not in run)
+    assert not any((logs / run / "validation").exists() for run in runs if "_final_" in run)
     search = json.loads((layout.experiments / "search.json").read_text())
     assert len(list((logs / "search").glob("*/execution0/validation"))) == search["trials"] > 0
     for figure in (

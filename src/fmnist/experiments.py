@@ -137,11 +137,19 @@ def run_one(
             network, f"recipe {recipe.name!r} (quantisation_aware_epochs={recipe.quantisation_aware_epochs})"
         )
     x_train, y_train, x_val, y_val = data.train_validation_split(x_train_full, y_train_full, validation_size, seed)
+    # The images its int8 file's agreement with the Keras model is measured on besides the test images.
+    x_agreement = x_val
+    if recipe.final_fit:
+        # The final fit trains on every training image: its settings were judged on another recipe's validation
+        # split, and nothing is chosen on this run, so it has none. (Its file's agreement is still measured on
+        # the split's validation images, seen in training: agreement is not accuracy.)
+        x_train, y_train, x_val, y_val = x_train_full, y_train_full, None, None
     x_train, y_train = data.stratified_subset(x_train, y_train, train_subset, seed)
     targets = y_train
     teacher_record = None
     if recipe.teacher:
-        # The teacher's run with the same seed saw the same training split: the validation images stay unseen.
+        # The teacher's run with the same seed saw the same training split (or, for a final fit, ideally all of it,
+        # being a final fit too): the validation images stay unseen by both, or are seen by both.
         teacher_file = model_path(models_dir, recipe.teacher, seed)
         if not teacher_file.is_file():
             raise FileNotFoundError(
@@ -176,9 +184,11 @@ def run_one(
     quantisation_aware = None
     if recipe.quantisation_aware_epochs:
         # The float32 network's validation figures before the fine-tuning (the training's own were in its precision).
-        before = scores(y_val, fitted.model.predict(x_val, batch_size=1000, verbose=0))
+        before = None if x_val is None else scores(y_val, fitted.model.predict(x_val, batch_size=1000, verbose=0))
         quantisation_aware = quantisation_aware_fine_tune(fitted.model, x_train, y_train, recipe, seed)
-        quantisation_aware["validation_before"] = {"accuracy": before["accuracy"], "loss": before["loss"]}
+        quantisation_aware["validation_before"] = (
+            None if before is None else {"accuracy": before["accuracy"], "loss": before["loss"]}
+        )
     validation_plain, plain, evaluation = evaluate(fitted.model, recipe, x_val, y_val, x_test, y_test)
     result = {
         **fitted.summary(recipe, len(y_train)),
@@ -190,16 +200,19 @@ def run_one(
         "history": fitted.history,
         "teacher": teacher_record,
         # The split it trained and was judged on: a run of another split is not kept (run_all).
-        "split": {"validation_size": validation_size, "train_subset": train_subset},
+        "split": {"validation_size": validation_size, "train_subset": train_subset, "final_fit": recipe.final_fit},
         "quantisation_aware": quantisation_aware,
     }
-    if quantisation_aware is not None:
+    if quantisation_aware is not None and x_val is not None:
         # The model now is the fine-tuned one: its validation figures replace the training's last epoch's.
         validation = scores(y_val, validation_plain)
         result["validation"] = {"accuracy": validation["accuracy"], "loss": validation["loss"]}
     if export:
+        agreement_plain = (
+            validation_plain if x_val is not None else fitted.model.predict(x_agreement, batch_size=1000, verbose=0)
+        )
         result.update(
-            export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain, x_val, validation_plain)
+            export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain, x_agreement, agreement_plain)
         )
     with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
         fitted.model.save(temporary)
@@ -215,15 +228,18 @@ def evaluate(
     """What a run records of its model's predictions, with and without the recipe's TTA; and the validation
     and test probabilities without TTA (for the export's checks).
 
-    Whether TTA helps is read on validation (``validation_tta``), never from the test columns.
+    Whether TTA helps is read on validation (``validation_tta``), never from the test columns. A final fit has
+    no validation images (``x_val`` None): its ``validation_tta`` and validation probabilities are None.
     """
-    validation_plain, validation_tta = predict(model, x_val, recipe.tta_shifts)
+    validation_plain, validation_tta = predict(model, x_val, recipe.tta_shifts) if x_val is not None else (None, None)
     plain, with_tta = predict(model, x_test, recipe.tta_shifts)
     return (
         validation_plain,
         plain,
         {
-            "validation_tta": {
+            "validation_tta": None
+            if x_val is None
+            else {
                 "accuracy_without": float(np.mean(validation_plain.argmax(axis=1) == y_val)),
                 "accuracy_with": float(np.mean(validation_tta.argmax(axis=1) == y_val)),
                 "views": tta_view_count(recipe.tta_shifts),
@@ -420,12 +436,13 @@ def _keep(
         if stored.tta_shifts != recipe.tta_shifts:
             # Other views: the model on disk is evaluated with them. (Toggling tta alone needs no model: the
             # run recorded its figures both with and without its TTA.)
-            x_val, y_val = validation_split(seed)
+            # A final fit trained on the validation split: it has no validation figures to evaluate again.
+            x_val, y_val = (None, None) if recipe.final_fit else validation_split(seed)
             model = keras.models.load_model(model_path(models_dir, recipe.name, seed))
             fresh = evaluate(model, recipe, x_val, y_val, x_test, y_test)[2]
             # Only the figures with TTA change: those without it stay as the run recorded them.
             stored_tta = result.get("validation_tta") or {}
-            result["validation_tta"] = {
+            result["validation_tta"] = fresh["validation_tta"] and {
                 **fresh["validation_tta"],
                 **{k: v for k, v in stored_tta.items() if k != "accuracy_with" and k != "views"},
             }

@@ -61,24 +61,36 @@ def git_state() -> dict[str, str | bool | None]:
 
 # The instruction-set extensions that decide how fast TensorFlow trains here (bf16 and AMX: 2-5x).
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+CPUINFO = "/proc/cpuinfo"
+# /proc/cpuinfo's numbers of a CPU's generation, and the keys the machine record gives them.
+CPU_GENERATION_KEYS = {"cpu family": "family", "model": "model", "stepping": "stepping"}
 
 
 def machine() -> dict[str, object]:
     """The CPU model, its cores and the extensions that matter: timings mean little without them."""
     model, flags = platform.processor() or platform.machine(), set()
+    # The model name alone does not tell CPU generations apart ("AMD EPYC" is both a Zen 3 and a Zen 4 here):
+    # the family, model and stepping numbers do.
+    generation: dict[str, int] = {}
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
+        with open(CPUINFO) as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
                     model = value.strip()
-                elif key.strip() == "flags" and not flags:
+                elif key == "flags" and not flags:
                     flags = set(value.split())
+                elif key in CPU_GENERATION_KEYS and CPU_GENERATION_KEYS[key] not in generation:
+                    number = value.strip()
+                    if number.isdigit():
+                        generation[CPU_GENERATION_KEYS[key]] = int(number)
     except OSError:
         pass
     features = [name for name in CPU_FEATURES if name in flags]
     return {
         "cpu": model,
+        **generation,
         "cores": os.cpu_count(),
         "architecture": platform.machine(),
         "features": features,
@@ -93,10 +105,14 @@ def auto_precision(features) -> str:
 
 
 def describe_machine(record: dict[str, object] | None = None) -> str:
-    """One line for logs and the report, e.g. "AMD EPYC, 2 cores (avx2, fma)"."""
+    """One line for logs and the report, e.g. "AMD EPYC (family 25, model 17), 2 cores (avx2, fma)"; records
+    made before the family and model were kept give the name alone."""
     record = record or machine()
     features = ", ".join(record.get("features") or []) or "no AVX2"
-    return f"{record.get('cpu')}, {record.get('cores')} cores ({features})"
+    cpu = str(record.get("cpu"))
+    if record.get("family") is not None and record.get("model") is not None:
+        cpu += f" (family {record['family']}, model {record['model']})"
+    return f"{cpu}, {record.get('cores')} cores ({features})"
 
 
 def environment() -> dict[str, object]:

@@ -70,6 +70,10 @@ class Recipe:
     quantisation_aware_epochs: int = 0
     quantisation_aware_learning_rate: float = 1e-4
     consistency_weight: float = 1000.0
+    # The final fit (06_experiments): this other recipe's network, trained on the training and validation splits
+    # together (all 60,000 training images). That recipe's runs were judged on their validation split; nothing is
+    # chosen on this one, so it records no validation figures, and the shipping rule reads that recipe's.
+    final_fit_of: str = ""
 
     def __post_init__(self):
         # A list from YAML and a tuple compare unequal: keep one form.
@@ -98,6 +102,13 @@ class Recipe:
             problems.append(f"temperature={self.temperature} must be positive")
         if self.teacher == self.name:
             problems.append("a recipe cannot be its own teacher")
+        if self.final_fit_of == self.name:
+            problems.append("a recipe cannot be the final fit of itself")
+        if self.final_fit_of and self.patience:
+            problems.append(
+                f"patience={self.patience} stops early on the validation split, which a final fit trains on: "
+                "give patience: 0 (train every epoch)"
+            )
         for name in ("learning_rate", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -133,6 +144,11 @@ class Recipe:
             problems.append(f"consistency_weight={self.consistency_weight} must not be negative")
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems) + ".")
+
+    @property
+    def final_fit(self) -> bool:
+        """Whether this recipe trains on the validation split too (``final_fit_of``)."""
+        return bool(self.final_fit_of)
 
     @property
     def augments(self) -> bool:
@@ -195,6 +211,38 @@ def _fits(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
+# What a final fit may change of the recipe it refits: besides its name and final_fit_of, its epochs (to keep the
+# training compute on more images) and its teacher (the final fit of the refitted recipe's teacher).
+FINAL_FIT_CHANGES = ("name", "final_fit_of", "epochs", "teacher")
+
+
+def _check_final_fit(recipe: Recipe, by_name: dict[str, Recipe]) -> None:
+    """A final fit trains the recipe it names with that recipe's settings (``FINAL_FIT_CHANGES`` aside)."""
+    judged_by = by_name.get(recipe.final_fit_of)
+    if judged_by is None or judged_by.final_fit:
+        raise ValueError(
+            f"recipe {recipe.name!r}: final_fit_of={recipe.final_fit_of!r} must name a recipe of this file "
+            "that trains on the training split alone: its validation figures judge this one."
+        )
+    differences = [
+        f"{field.name} {getattr(recipe, field.name)!r} (not {getattr(judged_by, field.name)!r})"
+        for field in dataclasses.fields(Recipe)
+        if field.name not in FINAL_FIT_CHANGES and getattr(recipe, field.name) != getattr(judged_by, field.name)
+    ]
+    if differences:
+        raise ValueError(
+            f"recipe {recipe.name!r}: a final fit trains {judged_by.name!r} as its validation figures judged it; "
+            f"only {', '.join(FINAL_FIT_CHANGES[2:])} may differ, not {'; '.join(differences)}."
+        )
+    if bool(recipe.teacher) != bool(judged_by.teacher) or (
+        recipe.teacher and by_name[recipe.teacher].final_fit_of != judged_by.teacher
+    ):
+        raise ValueError(
+            f"recipe {recipe.name!r}: a final fit of {judged_by.name!r} learns from the final fit of its teacher "
+            f"({judged_by.teacher or 'none'}), not from {recipe.teacher or 'labels alone'!r}."
+        )
+
+
 def check_stage_params(path, values: dict[str, Any]) -> None:
     """Validate the recipes a params file gives (called by ``fmnist.params`` before any stage runs)."""
     if "recipes" not in values:
@@ -218,6 +266,19 @@ def recipes_from_params(
                 f"recipe {recipe.name!r}: teacher {recipe.teacher!r} must be one of the recipes listed before it "
                 f"({', '.join(earlier) or 'none'}), so that its models exist when the student trains."
             )
+        if recipe.teacher and not recipe.final_fit and by_name[recipe.teacher].final_fit:
+            raise ValueError(
+                f"recipe {recipe.name!r}: its teacher {recipe.teacher!r} is a final fit, which trained on this "
+                "recipe's validation images: they would judge a student that learnt their answers. Only a final "
+                "fit may learn from a final fit."
+            )
+        if recipe.final_fit_of:
+            _check_final_fit(recipe, by_name)
+    if ablations and ablation_base in by_name and by_name[ablation_base].final_fit:
+        raise ValueError(
+            f"ablation_base={ablation_base!r} is a final fit: it has no validation figures for the ablations to "
+            "be judged against; name the recipe it refits."
+        )
     if ablations and ablation_base not in by_name:
         raise ValueError(
             f"ablation_base={ablation_base!r} is not one of the recipes ({', '.join(by_name)}); "
@@ -227,4 +288,11 @@ def recipes_from_params(
     if clashes:
         raise ValueError(f"ablations {sorted(clashes)} reuse recipe names; give each ablation its own name.")
     varied = [Recipe.from_params(name, values, base=by_name.get(ablation_base)) for name, values in ablations.items()]
+    for recipe in varied:
+        # An ablation is judged on its validation split against its base: no final fit, and no final-fit teacher.
+        if recipe.final_fit or (recipe.teacher in by_name and by_name[recipe.teacher].final_fit):
+            raise ValueError(
+                f"ablation {recipe.name!r}: an ablation is judged on its validation split, so it can neither be a "
+                "final fit nor learn from one (its teacher trained on those images)."
+            )
     return main, varied

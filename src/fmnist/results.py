@@ -36,10 +36,12 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
         tta_gains = [
             run["validation_tta"]["accuracy_with"] - run["validation_tta"]["accuracy_without"]
             for run in runs
-            if "validation_tta" in run
+            if run.get("validation_tta")
         ]
         recipe = runs[0]["recipe"]
-        validation, _ = _mean_std([run["validation"]["accuracy"] for run in runs])
+        # A final fit (recipe final_fit_of) trained on its validation split: it has no validation figures.
+        validated = [run["validation"]["accuracy"] for run in runs if run.get("validation")]
+        validation = _mean_std(validated)[0] if validated else None
         achieved = [
             run["compute"]["achieved_gflops"] for run in runs if (run.get("compute") or {}).get("achieved_gflops")
         ]

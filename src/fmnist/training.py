@@ -266,7 +266,7 @@ class Fitted:
 
     @property
     def epochs_run(self) -> int:
-        return len(self.history["val_loss"])
+        return len(self.history["loss"])
 
     def best(self, metric: str) -> float:
         return self.history[metric][self.best_epoch - 1]
@@ -285,7 +285,12 @@ class Fitted:
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "resumed_at_epoch": self.resumed_at,
-            "validation": {"accuracy": self.best("val_accuracy"), "loss": self.best("val_loss")},
+            # None for a final fit (``Recipe.final_fit_of``): it trained on the validation split too.
+            "validation": (
+                {"accuracy": self.best("val_accuracy"), "loss": self.best("val_loss")}
+                if "val_loss" in self.history
+                else None
+            ),
         }
 
 
@@ -390,7 +395,7 @@ def training_compute(multiply_adds: int, train_images: int, history: dict[str, l
     """
     from fmnist.bench import matmul_gflops
 
-    epochs = len(history.get("val_loss", []))
+    epochs = len(history.get("loss", []))
     seconds = float(sum(history.get("epoch_seconds", [])))
     flops = 6 * int(multiply_adds) * int(train_images) * epochs
     achieved = flops / seconds / 1e9 if seconds > 0 else None
@@ -428,13 +433,19 @@ def fit(
     """Train one recipe: the one training path of the study, its tuning trials and its experiments.
 
     Validation data drives early stopping (when ``patience`` > 0) and nothing
-    else. ``model`` is a network from ``build`` (built here when None). With a
+    else; a final fit (``Recipe.final_fit_of``) has none: ``x_val`` and ``y_val``
+    are None. ``model`` is a network from ``build`` (built here when None). With a
     ``checkpoint_dir`` every epoch is checkpointed there, and a fit of the same
     recipe, data and seed continues from the last complete epoch with the same
     result an uninterrupted fit would have had. ``epochs`` and
     ``initial_epoch`` let keras-tuner's Hyperband train a trial in rounds.
     """
     epochs = recipe.epochs if epochs is None else epochs
+    if x_val is None and recipe.patience:
+        raise ValueError(
+            f"recipe {recipe.name!r}: patience={recipe.patience} stops early on validation data, and none was "
+            "given; give patience: 0 or validation images."
+        )
     if model is None:
         model = build(recipe, len(y_train), seed)
     stopping = None
@@ -476,7 +487,7 @@ def fit(
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch(len(y_train), recipe.batch_size),
             shuffle=False,  # Each epoch's order comes from the dataset, seeded per epoch.
-            validation_data=(x_val, one_hot(y_val)),
+            validation_data=None if x_val is None else (x_val, one_hot(y_val)),
             callbacks=callback_list,
             verbose=verbose,
         )
@@ -488,7 +499,7 @@ def fit(
     seconds = time.perf_counter() - started
     if checkpoint is not None and checkpoint.restored is not None:
         seconds += sum(checkpoint.restored["history"].get("epoch_seconds", []))
-    epochs_run = len(values["val_loss"])
+    epochs_run = len(values["loss"])
     best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
     resumed_at = checkpoint.restored["epochs_done"] if checkpoint is not None and checkpoint.restored else 0
     precision = resolve_precision(recipe.precision)
@@ -502,7 +513,7 @@ def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epoch
     """What decides a fit's result: a checkpoint is resumed only by a fit with the same request."""
     digest = hashlib.sha256()
     for array in (x_train, y_train, x_val, y_val):
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(b"none" if array is None else np.ascontiguousarray(array).tobytes())
     settings = {
         "recipe": recipe.as_dict(),
         "precision": resolve_precision(recipe.precision),
