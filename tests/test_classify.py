@@ -14,15 +14,13 @@ from PIL import Image
 from fmnist.cli import main
 from fmnist.inference import DEFAULT_MODEL, Classifier, ModelError, Prediction
 
+from pictures import trouser
+
 
 @pytest.fixture
 def images(tmp_path):
-    page = np.full((120, 120), 250, dtype=np.uint8)
-    page[10:110, 30:55] = 20
-    page[10:110, 65:90] = 20
-    page[10:30, 30:90] = 20
     good = tmp_path / "trousers.jpg"
-    Image.fromarray(page).convert("RGB").save(good)
+    Image.fromarray(trouser()).convert("RGB").save(good)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     return good, bad

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from fmnist import __version__
 from fmnist.cli import main
 
+from pictures import trouser
+
 
 @pytest.fixture
 def trousers(tmp_path):
-    page = np.full((120, 120), 250, dtype=np.uint8)
-    page[10:110, 30:55] = 20
-    page[10:110, 65:90] = 20
-    page[10:30, 30:90] = 20
     path = tmp_path / "trousers.png"
-    Image.fromarray(page).save(path)
+    Image.fromarray(trouser()).save(path)
     return path
 
 

@@ -100,6 +100,23 @@ def _bands(count: int = 640, seed: int = 0):
     return images, labels
 
 
+def _run_settings(tmp_path):
+    """``run_one``'s data and directories: 700 banded training images (100 of them validation), 100 test images."""
+    images, labels = _bands(700)
+    test_images, test_labels = _bands(100, seed=1)
+    return {
+        "x_train_full": images,
+        "y_train_full": labels,
+        "x_test": test_images,
+        "y_test": test_labels,
+        "validation_size": 100,
+        "train_subset": 0,
+        "runs_dir": tmp_path / "runs",
+        "models_dir": tmp_path / "models",
+        "verbose": 0,
+    }
+
+
 def test_a_bfloat16_training_hands_back_a_float32_network_and_records_its_compute():
     images, labels = _bands()
     recipe = Recipe.from_params(
@@ -165,23 +182,10 @@ def test_distillation_targets_soften_the_teachers_answers_and_keep_the_labels_sh
 
 
 def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path, tensorboard_log):
-    images, labels = _bands(700)
-    test_images, test_labels = _bands(100, seed=1)
     common = {"architecture": "bn_cnn", "width": 8, "epochs": 1, "patience": 0, "precision": "float32"}
     teacher = Recipe.from_params("teacher", common)
     student = Recipe.from_params("student", {**common, "width": 4, "teacher": "teacher"})
-    settings = {
-        "x_train_full": images,
-        "y_train_full": labels,
-        "x_test": test_images,
-        "y_test": test_labels,
-        "validation_size": 100,
-        "train_subset": 0,
-        "runs_dir": tmp_path / "runs",
-        "models_dir": tmp_path / "models",
-        "tensorboard_dir": tmp_path / "tensorboard",
-        "verbose": 0,
-    }
+    settings = {**_run_settings(tmp_path), "tensorboard_dir": tmp_path / "tensorboard"}
     with pytest.raises(FileNotFoundError, match="distils 'teacher', whose model .* is not on disk"):
         experiments.run_one(student, 3, **settings)
     experiments.run_one(teacher, 3, **settings)
@@ -494,20 +498,9 @@ def test_summarising_what_is_on_disk_rewrites_nothing(tmp_path, monkeypatch):
 
 def test_a_final_fit_trains_on_every_training_image_and_records_no_validation_figures(tmp_path):
     images, labels = _bands(700)
-    test_images, test_labels = _bands(100, seed=1)
     common = {"architecture": "bn_cnn", "width": 4, "epochs": 1, "patience": 0, "precision": "float32"}
     judged, final = recipes_from_params({"judged": common, "final": {**common, "final_fit_of": "judged"}}, {}, "")[0]
-    settings = {
-        "x_train_full": images,
-        "y_train_full": labels,
-        "x_test": test_images,
-        "y_test": test_labels,
-        "validation_size": 100,
-        "train_subset": 0,
-        "runs_dir": tmp_path / "runs",
-        "models_dir": tmp_path / "models",
-        "verbose": 0,
-    }
+    settings = _run_settings(tmp_path)
     split = experiments.run_one(judged, 3, **settings)
     result = experiments.run_one(final, 3, export=True, **settings)
     assert (split["train_images"], result["train_images"]) == (600, 700)

@@ -23,6 +23,8 @@ from PIL import Image
 from fmnist.inference import Classifier
 from fmnist.serve import BackgroundServer
 
+from pictures import trouser
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and os.environ.get("CI") != "true":
     pytest.skip(
@@ -122,15 +124,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def trouser() -> np.ndarray:
-    """Two dark legs on white: the model is sure of this one."""
-    image = np.full((200, 200), 255, dtype=np.uint8)
-    image[20:190, 60:95] = 30
-    image[20:190, 105:140] = 30
-    image[20:50, 60:140] = 30
-    return image
 
 
 def ambiguous() -> np.ndarray:

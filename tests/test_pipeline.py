@@ -172,6 +172,8 @@ def test_report_is_one_self_contained_page_with_the_results(smoke_run):
     ):
         assert heading in html, heading
     assert "Shirt" in html and "c59f468a" in html
+    # The smoke run ships its own tiny model, not the package's: the report says the package answers with another.
+    assert "The package&#39;s default model is another file" in html or "The package's default model is another" in html
     assert html.count("data:image/png;base64") >= 10
     assert 'src="figures/' not in html
     assert "begin_stage" not in html  # Code is hidden.
@@ -215,6 +217,7 @@ def test_deploy_exports_agree_with_keras_and_the_benchmark_wrote_its_figures(smo
     assert shipping["shipped"] == shipping["reference"] == "study (03_train)"
     assert shipping["candidates"][0]["latency_ratio"] == 1.0 and shipping["budget_ms"] > 0
     assert layout.shipped_model.read_bytes() == layout.litert_model("int8").read_bytes()
+    assert shipping["shipped_sha256"] == hashlib.sha256(layout.shipped_model.read_bytes()).hexdigest()
     assert shipping["shipped_test_accuracy"] == pytest.approx(accuracy["litert_int8"]["test_accuracy"])
 
 

@@ -189,6 +189,12 @@ def test_the_shipping_block_says_how_faithfully_the_shipped_file_serves_its_mode
     table = report.shipping_table(shipping)
     assert table["p99 test"].tolist() == ["–", 0.0213] and table["int8 size (KB)"].tolist() == [110, 110]
     assert table["p99 validation"].tolist() == ["–", 0.0094]
+    # Whether the package's default model is the chosen file, by digest; unknown without one (an older record).
+    assert "make ship-model` makes it the default" in block and "package's default model" not in block
+    shipping["shipped_sha256"] = "ab" * 32
+    assert "It is the package's default model" in report.shipping_block(shipping, "ab" * 32)
+    other = report.shipping_block(shipping, "cd" * 32)
+    assert "The package's default model is another file" in other and "`make ship-model` installs it" in other
     shipping["faithful_within_budget"] = 0
     assert "the faithfulness clause of the rule did not apply" in report.shipping_block(shipping)
     # A shipping record from before the figures existed reads as before, with empty columns.

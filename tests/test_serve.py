@@ -18,6 +18,8 @@ from PIL import Image
 from fmnist.inference import Classifier
 from fmnist.serve import MAX_BODY_BYTES, MAX_HEADER_BYTES, SECURITY_HEADERS, BackgroundServer, Limits
 
+from pictures import trouser
+
 # Short timeouts, so the timeout tests take a second rather than ten.
 TEST_LIMITS = Limits(header_timeout=1.0, body_timeout=1.0, max_connections=64)
 
@@ -72,15 +74,6 @@ def multipart(field: str, data: bytes) -> tuple[bytes, dict[str, str]]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-def trouser() -> np.ndarray:
-    """Two dark legs on white: the easiest class there is."""
-    page = np.full((200, 200), 255, dtype=np.uint8)
-    page[20:190, 60:95] = 30
-    page[20:190, 105:140] = 30
-    page[20:50, 60:140] = 30
-    return page
 
 
 def assert_alive(port):

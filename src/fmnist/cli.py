@@ -270,7 +270,7 @@ def _verify_run(arguments: argparse.Namespace) -> int:
             )
             if record["restored_model"]:
                 # Not the bytes 06_experiments wrote (Keras stamps the date): its record stops vouching for them.
-                runs.release_output(layout, Path(record["restored_model"]))
+                runs.release_output(layout, layout.experiment_models / record["restored_model"])
     except (FileNotFoundError, ValueError, data.DataError) as error:
         print(f"fmnist verify-run: error: {error}", file=sys.stderr)
         return 2
@@ -280,7 +280,7 @@ def _verify_run(arguments: argparse.Namespace) -> int:
     verdict = "reproduced exactly" if record["identical"] else f"differs in {', '.join(record['differences'])}"
     print(f"fmnist verify-run: {arguments.recipe} seed {arguments.seed}: {verdict} ({record['minutes']} min)")
     if record["restored_model"]:
-        print(f"fmnist verify-run: its model is back in {record['restored_model']}")
+        print(f"fmnist verify-run: its model is back in {layout.experiment_models / record['restored_model']}")
     elif arguments.restore and record["identical"]:
         print("fmnist verify-run: its model was already on disk; left as it was")
     return 0 if record["identical"] else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -210,11 +211,13 @@ def shipping_candidates(
     if experiments_dir is None or not summary_path.is_file():
         return candidates
 
-    def recipe_runs(name: str) -> list[dict]:
+    @functools.cache
+    def recipe_runs(name: str) -> tuple[dict, ...]:
+        # Read once per recipe: a final fit reads the runs of the recipe it refits, listed on their own too.
         run_files = sorted((Path(experiments_dir) / "runs" / name).glob("seed*.json"))
         for path in run_files:
             external_input(str(path))
-        return [read_json(path) for path in run_files]
+        return tuple(read_json(path) for path in run_files)
 
     for row in read_json(summary_path)["recipes"]:
         name = row["recipe"]
@@ -410,6 +413,7 @@ def ship_best(
     ``study_agreement`` is the study's int8 export's :func:`probability_agreement`.
     """
     from fmnist.io import atomic_path, read_json, write_json
+    from fmnist.runs import file_digest
 
     candidates = shipping_candidates(
         layout.litert_model("int8"),
@@ -428,6 +432,8 @@ def ship_best(
     source = next(c["file"] for c in candidates if c["name"] == shipping["shipped"])
     with atomic_path(layout.shipped_model) as temporary:
         Path(temporary).write_bytes(Path(source).read_bytes())
+    # Its digest lets the report say whether the package's default model (make ship-model) is this file.
+    shipping["shipped_sha256"] = file_digest(layout.shipped_model)
     shipping["shipped_test_accuracy"] = litert_accuracy(layout.shipped_model, x_test, y_test)
     write_json(layout.shipping, shipping)
     return shipping

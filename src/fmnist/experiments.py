@@ -148,8 +148,9 @@ def run_one(
     targets = y_train
     teacher_record = None
     if recipe.teacher:
-        # The teacher's run with the same seed saw the same training split (or, for a final fit, ideally all of it,
-        # being a final fit too): the validation images stay unseen by both, or are seen by both.
+        # The teacher's run with the same seed saw the same training images: the same split, or for a final fit all
+        # of them (fmnist.recipes requires a final fit's teacher to be a final fit). The validation images stay
+        # unseen by both, or are seen by both.
         teacher_file = model_path(models_dir, recipe.teacher, seed)
         if not teacher_file.is_file():
             raise FileNotFoundError(
@@ -930,12 +931,13 @@ def verify_run(
 
             with atomic_path(stored_model) as temporary:
                 shutil.copyfile(model_path(scratch / "models", name, seed), temporary)
-            restored = str(stored_model)
+            restored = stored_model.name
     return {
         "recipe": name,
         "seed": seed,
         # The check holds for this run file only: a run retrained since is not vouched for.
         "run_sha256": stored_digest,
+        # Its file name in ``models_dir`` (None: nothing restored), as a teacher's model is named in a run.
         "restored_model": restored,
         "stored_training_code": stored.get("training_code"),
         "training_code": again["training_code"],

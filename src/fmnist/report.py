@@ -401,8 +401,10 @@ def quantisation_table(rows: list[dict] | None) -> pd.DataFrame:
     )
 
 
-def shipping_block(shipping: dict | None) -> str:
-    """Which model the classifier ships and why, from 05_deploy's shipping rule."""
+def shipping_block(shipping: dict | None, package_model_sha256: str | None = None) -> str:
+    """Which model the classifier ships and why, from 05_deploy's shipping rule, and whether the package's default
+    model (``package_model_sha256``: the digest of the file ``fmnist classify`` and ``fmnist serve`` load; None
+    when not known) is that file."""
     if not shipping:
         return "*No shipping decision: run stage `05_deploy`.*"
     rows = {row["name"]: row for row in shipping["candidates"]}
@@ -420,6 +422,16 @@ def shipping_block(shipping: dict | None) -> str:
             f" No candidate within budget serves within {shipping['tolerance']} of its Keras model on the "
             "validation images, so the faithfulness clause of the rule did not apply."
         )
+    shipped_sha256 = shipping.get("shipped_sha256")
+    if package_model_sha256 is None or shipped_sha256 is None:
+        installed = "`make ship-model` makes it the default of `fmnist classify` and `fmnist serve`."
+    elif package_model_sha256 == shipped_sha256:
+        installed = "It is the package's default model: `fmnist classify` and `fmnist serve` answer with this file."
+    else:
+        installed = (
+            "**The package's default model is another file**, so `fmnist classify` and `fmnist serve` do not answer "
+            "with it yet: `make ship-model` installs it."
+        )
     judged_by = shipped.get("judged_by")
     validation = (
         f"validation accuracy {shipped['validation_accuracy']:.4f} (that of {judged_by}, whose settings it trains "
@@ -433,7 +445,7 @@ def shipping_block(shipping: dict | None) -> str:
         f"**Ships: {shipped['name']}** ({shipped['architecture']}), {validation}, {shipped['p50_ms']:.3f} ms per image "
         f"({shipped['latency_ratio']:.2f}x the reference), {shipped['size_bytes'] / 1024:.0f} KB; its test accuracy, "
         f"measured once after the choice, is **{shipping['shipped_test_accuracy']:.4f}**.{served} "
-        "`make ship-model` makes it the default of `fmnist classify` and `fmnist serve`."
+        f"{installed}"
     )
 
 
