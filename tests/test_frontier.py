@@ -497,7 +497,6 @@ def test_summarising_what_is_on_disk_rewrites_nothing(tmp_path, monkeypatch):
 
 
 def test_a_final_fit_trains_on_every_training_image_and_records_no_validation_figures(tmp_path):
-    images, labels = _bands(700)
     common = {"architecture": "bn_cnn", "width": 4, "epochs": 1, "patience": 0, "precision": "float32"}
     judged, final = recipes_from_params({"judged": common, "final": {**common, "final_fit_of": "judged"}}, {}, "")[0]
     settings = _run_settings(tmp_path)
@@ -512,7 +511,7 @@ def test_a_final_fit_trains_on_every_training_image_and_records_no_validation_fi
     # Its int8 file's agreement with its Keras model is still measured on the split's validation images.
     from fmnist import data, deploy
 
-    x_val = data.train_validation_split(images, labels, 100, 3)[2]
+    x_val = data.train_validation_split(settings["x_train_full"], settings["y_train_full"], 100, 3)[2]
     keras_model = training.load_model(experiments.model_path(tmp_path / "models", "final", 3))
     expected = deploy.probability_agreement(
         tmp_path / "models" / "final_int8.tflite", x_val, keras_model.predict(x_val, verbose=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -90,6 +91,46 @@ def test_a_stage_is_current_until_its_parameters_inputs_or_outputs_change(tmp_pa
     (tmp_path / "model" / "model.keras").write_text("weights")
     assert runs.why_not_current(layout, "04_evaluate", identity) == "its output metrics.json is missing"
     assert runs.consistency_problems(layout) == []  # Missing (uncommitted) files are not a mix.
+
+
+def test_an_external_input_in_the_project_is_recorded_relative_to_it_so_a_clone_elsewhere_finds_it(
+    tmp_path, monkeypatch
+):
+    from fmnist import config
+    from fmnist.stage import StageRun
+
+    project, clone = tmp_path / "project", tmp_path / "clone"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "model.tflite").write_bytes(b"int8 weights")
+    monkeypatch.setattr(config, "PROJECT_ROOT", project)
+    monkeypatch.setattr(runs, "PROJECT_ROOT", project)
+    layout = ArtifactLayout(tmp_path / "out")
+    stage = StageRun("report", {}, layout)
+    assert stage.external_input("src/model.tflite") == project / "src" / "model.tflite"
+    assert stage.external_input(str(tmp_path / "elsewhere.json")) is None  # Outside the project: absolute.
+    assert stage.records["external_inputs"] == {
+        "src/model.tflite": runs.file_digest(project / "src" / "model.tflite"),
+        str(tmp_path / "elsewhere.json"): None,
+    }
+    write_json(layout.stage_manifest("report"), {"stage": "report", "code_modules": [], **stage.records})
+    runs.write_record(
+        layout,
+        "report",
+        run_id="r1",
+        profile="params",
+        identity=runs.StageIdentity(params="p", notebook="n", code={}),
+        inputs=runs.stage_inputs(layout.root, "report"),
+        outputs=[],
+        seconds=1.0,
+    )
+    identity = runs.StageIdentity(params="p", notebook="n", code={})
+    assert runs.why_not_current(layout, "report", identity) is None
+    # The same project cloned at another path: the same file, so nothing to rerun.
+    shutil.copytree(project, clone)
+    monkeypatch.setattr(runs, "PROJECT_ROOT", clone)
+    assert runs.why_not_current(layout, "report", identity) is None
+    (clone / "src" / "model.tflite").write_bytes(b"another model")  # make ship-model
+    assert runs.why_not_current(layout, "report", identity) == "the external file src/model.tflite changed"
 
 
 def test_the_report_reruns_when_fmnist_verify_run_checks_a_stored_run(tmp_path):

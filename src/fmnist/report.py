@@ -430,7 +430,8 @@ def shipping_block(shipping: dict | None, package_model_sha256: str | None = Non
     else:
         installed = (
             "**The package's default model is another file**, so `fmnist classify` and `fmnist serve` do not answer "
-            "with it yet: `make ship-model` installs it."
+            "with it: `make ship-model OUT=<this run's directory>` installs it (`OUT=reports`, the default, for the "
+            "reference run)."
         )
     judged_by = shipped.get("judged_by")
     validation = (

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fmnist.config import ALL_STAGES, REPORT_NOTEBOOK, ArtifactLayout
+from fmnist.config import ALL_STAGES, PROJECT_ROOT, REPORT_NOTEBOOK, ArtifactLayout
 from fmnist.io import read_json, write_json
 
 RUN_FILE = "run.json"
@@ -73,8 +73,6 @@ def new_run_id() -> str:
 
 def profile_name(params_dir: Path) -> str:
     """A params profile's identity however its path was spelled: relative to the project when inside it."""
-    from fmnist.config import PROJECT_ROOT
-
     resolved = Path(params_dir).resolve()
     try:
         return resolved.relative_to(PROJECT_ROOT).as_posix()
@@ -288,7 +286,9 @@ def why_not_current(layout: ArtifactLayout, stage: str, identity_now: StageIdent
     if stage == REPORT_NOTEBOOK and set(stage_inputs(layout.root, stage)) != set(record["inputs"]):
         return "the set of stages it reports on changed"
     for name, digest in record.get("external", {}).items():
-        now = file_digest(Path(name)) if Path(name).is_file() else None
+        # Relative to the project root (StageRun.external_input), or absolute (outside it, or older records).
+        path = PROJECT_ROOT / name
+        now = file_digest(path) if path.is_file() else None
         if now != digest:
             return f"the external file {name} changed"
     root = layout.root

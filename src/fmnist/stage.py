@@ -60,7 +60,9 @@ class StageRun:
 
         resolved = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
         digest = file_digest(resolved) if resolved.is_file() else None
-        self.records.setdefault("external_inputs", {})[str(resolved)] = digest
+        # Recorded relative to the project root when inside it, so a clone elsewhere finds the same file.
+        name = resolved.relative_to(PROJECT_ROOT).as_posix() if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+        self.records.setdefault("external_inputs", {})[name] = digest
         return resolved if digest else None
 
     def save_figure(self, figure, name: str) -> None:
