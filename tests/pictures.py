@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fmnist import data
-from fmnist.config import CLASS_NAMES
+# The test set's first pair of trousers (test image 2), as its 28x28 bytes: the tests that upload it need not
+# load the dataset. test_data checks that it still is that image.
+TEST_TROUSER = Path(__file__).parent / "images" / "test_trouser_28.png"
+TEST_TROUSER_INDEX = 2
+
+
+def trouser_article() -> np.ndarray:
+    """The 28x28 uint8 article, light on black as the dataset stores it."""
+    return np.asarray(Image.open(TEST_TROUSER).convert("L"))
 
 
 @functools.cache
@@ -20,10 +28,7 @@ def trouser() -> np.ndarray:
     gets right (recall 0.99 and above), and the upload path still has to invert it, find it on the
     page, crop and shrink it.
     """
-    dataset = data.load_fashion_mnist()
-    index = int(np.flatnonzero(dataset.y_test == CLASS_NAMES.index("Trouser"))[0])
-    article = (dataset.x_test[index, :, :, 0] * 255).round().astype(np.uint8)
-    enlarged = Image.fromarray(255 - article).resize((112, 112), Image.Resampling.BICUBIC)
+    enlarged = Image.fromarray(255 - trouser_article()).resize((112, 112), Image.Resampling.BICUBIC)
     page = Image.new("L", (160, 200), 255)
     page.paste(enlarged, (8, 70))
     picture = np.asarray(page)

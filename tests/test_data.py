@@ -10,7 +10,10 @@ import pytest
 from conftest import idx_bytes, write_idx
 
 from fmnist import data
+from fmnist.config import CLASS_NAMES
 from fmnist.data import DataError, IdxFile
+
+from pictures import TEST_TROUSER, TEST_TROUSER_INDEX, trouser_article
 
 
 def spec_for(payload: bytes, count: int, magic: int = data.IMAGES_MAGIC) -> IdxFile:
@@ -157,3 +160,12 @@ def test_stratified_subset_keeps_classes_balanced():
     assert len(y_subset) == 300 and np.all(np.bincount(y_subset) == 30)
     x_all, _ = data.stratified_subset(y[:, None], y, 0, seed=0)
     assert len(x_all) == 1000
+
+
+def test_the_tests_trouser_picture_is_the_test_sets_first_trouser():
+    # tests/pictures.py uploads this image without loading the dataset; it must still be the real article.
+    dataset = data.load_fashion_mnist()
+    first = int(np.flatnonzero(dataset.y_test == CLASS_NAMES.index("Trouser"))[0])
+    assert first == TEST_TROUSER_INDEX, f"{TEST_TROUSER} is test image {TEST_TROUSER_INDEX}, not the first trousers"
+    stored = (dataset.x_test[first, :, :, 0] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(trouser_article(), stored)
