@@ -239,13 +239,17 @@ def shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return padded[:, pad - rows : pad - rows + height, pad - columns : pad - columns + width]
 
 
+def _tta_shifts(shifts: int) -> list[tuple[int, int]]:
+    """The (rows, columns) moves of test-time augmentation besides the image itself: none, or four."""
+    return [(-shifts, 0), (shifts, 0), (0, -shifts), (0, shifts)] if shifts else []
+
+
 def tta_views(images: np.ndarray, shifts: int = 0) -> list[np.ndarray]:
     """What test-time augmentation looks at: the images and their mirror images, and with ``shifts`` the images
     moved that many pixels up, down, left and right, each with its mirror image (10 views). The first view is
     the images themselves."""
-    positions = [(-shifts, 0), (shifts, 0), (0, -shifts), (0, shifts)] if shifts else []
     views = [images, images[:, :, ::-1]]
-    for rows, columns in positions:
+    for rows, columns in _tta_shifts(shifts):
         view = shifted(images, rows, columns)
         views += [view, view[:, :, ::-1]]
     return views
@@ -253,7 +257,7 @@ def tta_views(images: np.ndarray, shifts: int = 0) -> list[np.ndarray]:
 
 def tta_view_count(shifts: int) -> int:
     """How many views :func:`tta_views` gives."""
-    return 10 if shifts else 2
+    return 2 * (1 + len(_tta_shifts(shifts)))
 
 
 def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None, *, include_test: bool = True) -> FashionMNIST:

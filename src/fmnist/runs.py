@@ -71,13 +71,16 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def project_relative(path: Path) -> str:
+    """How a file or directory is recorded: relative to the project root when inside it (so a clone elsewhere
+    names it the same), else its absolute path."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(PROJECT_ROOT).as_posix() if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+
+
 def profile_name(params_dir: Path) -> str:
-    """A params profile's identity however its path was spelled: relative to the project when inside it."""
-    resolved = Path(params_dir).resolve()
-    try:
-        return resolved.relative_to(PROJECT_ROOT).as_posix()
-    except ValueError:
-        return str(resolved)
+    """A params profile's identity however its path was spelled."""
+    return project_relative(params_dir)
 
 
 def work_dir_for(out_dir: Path) -> Path:

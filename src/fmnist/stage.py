@@ -56,13 +56,11 @@ class StageRun:
         file changes. Returns the resolved path, or None when it does not exist.
         """
         from fmnist.config import PROJECT_ROOT
-        from fmnist.runs import file_digest
+        from fmnist.runs import file_digest, project_relative
 
         resolved = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
         digest = file_digest(resolved) if resolved.is_file() else None
-        # Recorded relative to the project root when inside it, so a clone elsewhere finds the same file.
-        name = resolved.relative_to(PROJECT_ROOT).as_posix() if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
-        self.records.setdefault("external_inputs", {})[name] = digest
+        self.records.setdefault("external_inputs", {})[project_relative(resolved)] = digest
         return resolved if digest else None
 
     def save_figure(self, figure, name: str) -> None:
