@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=ALL_STAGES,
         help="run only this stage (repeatable); default: 01_eda to 05_deploy, then the report "
-        "(06_experiments, hours of training, runs only when named)",
+        "(06_experiments, hours of training, runs when named, and is kept current once OUT holds it)",
     )
     shown = run.add_mutually_exclusive_group()
     shown.add_argument(

@@ -33,7 +33,8 @@ INTERACTIVE_DIR = PROJECT_ROOT / "build" / "interactive"
 
 # The stages of the study, in the order the chain runs them.
 STAGES = ("01_eda", "02_tune", "03_train", "04_evaluate", "05_deploy")
-# Stages run only when asked for (`fmnist run --stage 06_experiments`): hours of training, not minutes.
+# Stages the default chain starts only when OUT already holds them (then kept current); else run when asked for
+# (`fmnist run --stage 06_experiments`): hours of training, not minutes.
 OPTIONAL_STAGES = ("06_experiments",)
 REPORT_NOTEBOOK = "report"
 # Every notebook a run can execute, in chain order.

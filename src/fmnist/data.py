@@ -264,8 +264,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None, *, includ
     """Load and verify the files; images scaled to [0, 1] float32.
 
     Tuning and training pass ``include_test=False`` so the test set cannot leak
-    into them: only the evaluation stage (and the EDA's balance and duplicate
-    checks) read it.
+    into them: only what reports figures after the choices reads it (the
+    evaluation stage, each experiment run's test figures, 05_deploy's measurement
+    of the shipped file, ``fmnist bench`` and ``fmnist latency``), and the EDA's
+    balance and duplicate checks.
     """
     if data_dir is None:
         source, directory = locate_data_dir()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist.config import PROJECT_ROOT, REPORTS_DIR, STAGES
+from fmnist.runs import project_relative
 
 # Where `fmnist runs` looks by default: the committed runs and the scratch ones.
 DEFAULT_ROOTS = (REPORTS_DIR, PROJECT_ROOT / "build")
@@ -140,10 +141,7 @@ def describe_run(directory: str | os.PathLike[str]) -> dict[str, Any]:
     manifest = _read(directory / MANIFEST)
     metrics = _read(directory / METRICS)
     git = _mapping(manifest.get("git"))
-    try:
-        shown = directory.relative_to(PROJECT_ROOT).as_posix()
-    except ValueError:
-        shown = str(directory)
+    shown = project_relative(directory)
     dirty = git.get("dirty")
     return {
         "directory": shown,

@@ -52,8 +52,9 @@ class StageRun:
     def external_input(self, path: str) -> Path | None:
         """A file outside this run that the stage reads (relative paths from the project root).
 
-        Its digest goes into the stage's manifest, so the stage reruns when the
-        file changes. Returns the resolved path, or None when it does not exist.
+        Its digest goes into the stage's manifest (under its name relative to the
+        project root when inside it), so the stage reruns when the file changes.
+        Returns its path, or None when it does not exist.
         """
         from fmnist.config import PROJECT_ROOT
         from fmnist.runs import file_digest, project_relative
