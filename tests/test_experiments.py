@@ -648,6 +648,18 @@ def test_latency_figures_include_every_tta_view_count(tmp_path):
     assert figures["size_bytes"] == path.stat().st_size
 
 
+def test_latency_takes_the_models_in_turns_so_a_stall_falls_on_all_of_them():
+    from fmnist import bench
+
+    calls = []
+    samples = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 25, slices=5)
+    assert [len(samples["a"]), len(samples["b"])] == [25, 25]
+    timed = calls[40:]  # After each function's 20 warm-up calls.
+    first_b, last_a = timed.index("b"), len(timed) - 1 - timed[::-1].index("a")
+    assert first_b < last_a, "model a was timed to the end before model b started"
+    assert timed.count("a") == timed.count("b") == 25 + 5 * 2  # Each turn opens with two warm-up calls.
+
+
 def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
     recipe = Recipe.from_params(
         "tiny", {"architecture": "bn_cnn", "width": 4, "stages": [1, 1, 1], "epochs": 1, "patience": 0, "tta": True}

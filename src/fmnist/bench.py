@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,21 @@ def time_calls(function, runs: int, warmup: int = 20) -> list[float]:
         started = time.perf_counter()
         function()
         samples.append(time.perf_counter() - started)
+    return samples
+
+
+def time_interleaved(functions: dict[str, Callable[[], object]], runs: int, slices: int = 10) -> dict[str, list[float]]:
+    """``runs`` timed calls of each function, taken in ``slices`` turns: every function in turn for
+    ``runs / slices`` calls, then again. A stall of a shared machine then falls on all of them alike instead
+    of on whichever one was being timed, so their ratios hold."""
+    slices = max(1, min(slices, runs))
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for function in functions.values():
+        time_calls(function, 0)
+    for turn in range(slices):
+        calls = runs // slices + (1 if turn < runs % slices else 0)
+        for name, function in functions.items():
+            samples[name] += time_calls(function, calls, warmup=2)
     return samples
 
 
@@ -115,21 +131,24 @@ def litert_latency(model_paths: list[Path], images: np.ndarray, runs: int = 1000
 
     single, mirrored = images[:1], images[:1, :, ::-1]
     views = tta_views(single, 1)
+    classifiers = {Path(path).name: Classifier(path, num_threads=1) for path in model_paths}
+    plain = time_interleaved({name: lambda c=c: c.probabilities(single) for name, c in classifiers.items()}, runs)
+    tta = time_interleaved(
+        {name: lambda c=c: (c.probabilities(single), c.probabilities(mirrored)) for name, c in classifiers.items()},
+        max(runs // 2, 1),
+    )
+    shift_tta = time_interleaved(
+        {name: lambda c=c: [c.probabilities(view) for view in views] for name, c in classifiers.items()},
+        max(runs // 10, 1),
+    )
     figures = {}
     for path in model_paths:
-        classifier = Classifier(path, num_threads=1)
-        plain = percentiles(time_calls(lambda c=classifier: c.probabilities(single), runs))
-        tta = percentiles(
-            time_calls(lambda c=classifier: (c.probabilities(single), c.probabilities(mirrored)), runs // 2)
-        )
-        shift_tta = percentiles(
-            time_calls(lambda c=classifier: [c.probabilities(view) for view in views], max(runs // 10, 1))
-        )
-        figures[Path(path).name] = {
+        name = Path(path).name
+        figures[name] = {
             "size_bytes": Path(path).stat().st_size,
-            **plain,
-            "tta_p50_ms": tta["p50_ms"],
-            "shift_tta_p50_ms": shift_tta["p50_ms"],
+            **percentiles(plain[name]),
+            "tta_p50_ms": percentiles(tta[name])["p50_ms"],
+            "shift_tta_p50_ms": percentiles(shift_tta[name])["p50_ms"],
             "machine": machine,
         }
     return figures
