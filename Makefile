@@ -31,7 +31,7 @@ data: setup  ## Make the data available: verify it, install Debian's package whe
 	  fi; \
 	  $(BIN)/fmnist data; }
 
-study: setup data  ## Run every stage with the full params and render the report (about 20 minutes on 2 cores).
+study: setup data  ## Run every stage with the full params and render the report (8-17 minutes on 2 cores).
 	$(BIN)/fmnist run --params $(PARAMS) --out $(OUT)
 
 experiments: setup data  ## Multi-seed recipes, ablations, calibration (about 2 hours; resumes), then the report.
