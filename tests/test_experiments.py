@@ -636,6 +636,21 @@ def test_a_recipe_with_nothing_to_fine_tune_for_int8_fails_before_it_trains(tmp_
         )
 
 
+def test_the_code_a_latency_child_process_runs_counts_in_the_stages_code(tmp_path):
+    # A stage's code digest covers the fmnist modules loaded in its kernel (StageRun.finish reads sys.modules);
+    # measuring latency loads the code `fmnist latency` runs, so changing it reruns 06_experiments.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from fmnist import experiments; "
+        f"experiments.measure_latency(Path({str(tmp_path)!r}), Path({str(tmp_path / 'latency.json')!r})); "
+        "print(sorted(m for m in ('fmnist.bench', 'fmnist.cli', 'fmnist.inference') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip().splitlines()[-1] == "['fmnist.bench', 'fmnist.cli', 'fmnist.inference']"
+
+
 def test_latency_figures_include_every_tta_view_count(tmp_path):
     from fmnist import bench, export
 
