@@ -35,6 +35,8 @@ def test_version(capsys):
         (["serve", "--port", "-5"], "-5 is out of range"),
         (["serve", "--certfile", "cert.pem"], "--certfile and --keyfile go together"),
         (["loadtest", "--closed-clients", "0"], "0 is out of range"),
+        (["latency", "model.tflite", "--runs", "0"], "0 is out of range (--runs: 1 to"),
+        (["bench", "--runs", "-3"], "-3 is out of range (--runs: 1 to"),
     ],
 )
 def test_bad_options_are_usage_errors_not_tracebacks(arguments, message, capsys):

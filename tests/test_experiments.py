@@ -636,31 +636,64 @@ def test_a_recipe_with_nothing_to_fine_tune_for_int8_fails_before_it_trains(tmp_
         )
 
 
-def test_the_code_a_latency_child_process_runs_counts_in_the_stages_code(tmp_path):
-    # A stage's code digest covers the fmnist modules loaded in its kernel (StageRun.finish reads sys.modules);
-    # measuring latency loads the code `fmnist latency` runs, so changing it reruns 06_experiments.
+def test_the_code_a_measuring_child_process_runs_counts_in_the_stages_code(tmp_path):
+    # A stage's code digest covers the fmnist modules loaded in its kernel (StageRun.finish reads sys.modules).
+    # 05 and 06 measure in child processes (`fmnist latency`, `fmnist bench`): the code those measure with must
+    # be loaded in the kernel too, so that changing it reruns the stage. A clean interpreter, the children stubbed.
     import subprocess
     import sys
+    import textwrap
 
-    script = (
-        "import sys; from pathlib import Path; from fmnist import experiments; "
-        f"experiments.measure_latency(Path({str(tmp_path)!r}), Path({str(tmp_path / 'latency.json')!r})); "
-        "print(sorted(m for m in ('fmnist.bench', 'fmnist.cli', 'fmnist.inference') if m in sys.modules))"
-    )
-    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip().splitlines()[-1] == "['fmnist.bench', 'fmnist.cli', 'fmnist.inference']"
+    script = textwrap.dedent(f"""
+        import subprocess, sys
+        from pathlib import Path
+
+        def child(command, **options):
+            if "--json" in command:
+                Path(command[command.index("--json") + 1]).write_text("{{}}")
+            return subprocess.CompletedProcess(command, 0, "", "")
+
+        subprocess.run = child
+        from fmnist import deploy, experiments
+        from fmnist.config import ArtifactLayout
+
+        def loaded():
+            names = ("fmnist.bench", "fmnist.inference", "fmnist.loadtest", "fmnist.serve")
+            return sorted(name for name in names if name in sys.modules)
+
+        experiments.measure_latency(Path({str(tmp_path)!r}), Path({str(tmp_path / "latency.json")!r}))
+        print("06", loaded())
+        deploy.measure_latency_process([], 10, rounds=1)
+        print("05 latency", loaded())
+        deploy.run_benchmark_process(ArtifactLayout({str(tmp_path)!r}), seconds=1, clients=1, rate=1, runs=1)
+        print("05 bench", loaded())
+    """)
+    printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert [line for line in printed.splitlines() if line[:2] in ("06", "05")] == [
+        "06 ['fmnist.bench', 'fmnist.inference']",
+        "05 latency ['fmnist.bench', 'fmnist.inference']",
+        "05 bench ['fmnist.bench', 'fmnist.inference', 'fmnist.loadtest', 'fmnist.serve']",
+    ]
 
 
 def test_latency_figures_include_every_tta_view_count(tmp_path):
     from fmnist import bench, export
 
-    model = build_network("bn_cnn", width=4, stages=(1, 1, 1))
-    path = export.write_model(export.to_float32(model), tmp_path / "tiny_float32.tflite")
+    small = export.write_model(
+        export.to_float32(build_network("bn_cnn", width=4, stages=(1, 1, 1))), tmp_path / "tiny_float32.tflite"
+    )
+    large = export.write_model(
+        export.to_float32(build_network("bn_cnn", width=32, stages=(1, 1, 1))), tmp_path / "wide_float32.tflite"
+    )
     images = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
-    figures = bench.litert_latency([path], images, runs=20)["tiny_float32.tflite"]
-    # One call, two (flip TTA) and ten (flips of the image and its four shifts): each timed as it is served.
-    assert figures["p50_ms"] > 0 and figures["tta_p50_ms"] > 0 and figures["shift_tta_p50_ms"] > 0
-    assert figures["size_bytes"] == path.stat().st_size
+    figures = bench.litert_latency([small, large], images, runs=20)
+    for path in (small, large):
+        # One call, two (flip TTA) and ten (flips of the image and its four shifts): each timed as it is served.
+        measured = figures[path.name]
+        assert measured["p50_ms"] > 0 and measured["tta_p50_ms"] > 0 and measured["shift_tta_p50_ms"] > 0
+        assert measured["size_bytes"] == path.stat().st_size and measured["runs"] == 20
+    # Each model's figures are its own, not the last one's timed (the wide one does 64 times the work per image).
+    assert figures[large.name]["p50_ms"] > figures[small.name]["p50_ms"]
 
 
 def test_latency_takes_the_models_in_turns_so_a_stall_falls_on_all_of_them():

@@ -133,6 +133,23 @@ def test_an_external_input_in_the_project_is_recorded_relative_to_it_so_a_clone_
     assert runs.why_not_current(layout, "report", identity) == "the external file src/model.tflite changed"
 
 
+def test_an_external_input_reached_through_a_link_is_recorded_as_the_link(tmp_path, monkeypatch):
+    from fmnist.stage import StageRun
+
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    (project / "runs" / "a.json").write_text("a")
+    (project / "current.json").symlink_to(project / "runs" / "a.json")
+    from fmnist import config
+
+    monkeypatch.setattr(config, "PROJECT_ROOT", project)
+    monkeypatch.setattr(runs, "PROJECT_ROOT", project)
+    stage = StageRun("report", {}, ArtifactLayout(tmp_path / "out"))
+    stage.external_input("current.json")
+    # Named as the link, so that pointing it at another file changes what the record checks.
+    assert stage.records["external_inputs"] == {"current.json": runs.file_digest(project / "runs" / "a.json")}
+
+
 def test_the_report_reruns_when_fmnist_verify_run_checks_a_stored_run(tmp_path):
     layout = ArtifactLayout(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")

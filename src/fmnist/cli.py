@@ -446,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument("--out", default=str(REPORTS_DIR), help="the study run to measure (default: %(default)s)")
     benchmark.add_argument("--json", help="where to write the figures (default: OUT/deploy/bench.json)")
-    benchmark.add_argument("--runs", type=int, default=2000, help="timed single-image runs (default: %(default)s)")
+    benchmark.add_argument(
+        "--runs",
+        type=bounded_int(1, 10_000_000, "--runs"),
+        default=2000,
+        help="timed single-image runs (default: %(default)s)",
+    )
     add_load_arguments(benchmark)
     benchmark.add_argument(
         "--serve-model",
@@ -549,7 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one-image LiteRT inference on one thread. Example: fmnist latency reports/deploy/*.tflite",
     )
     latency.add_argument("models", nargs="+", metavar="MODEL", help=".tflite files")
-    latency.add_argument("--runs", type=int, default=1000, help="timed runs per model (default: %(default)s)")
+    latency.add_argument(
+        "--runs",
+        type=bounded_int(1, 10_000_000, "--runs"),
+        default=1000,
+        help="timed runs per model (default: %(default)s)",
+    )
     latency.add_argument("--json", help="also write the figures to this file")
     latency.set_defaults(handler=_latency)
     return parser

@@ -129,6 +129,10 @@ def run_benchmark_process(
 ) -> Path:
     """Run ``fmnist bench`` in a fresh process (one thread per engine, no state from this kernel); its serving
     figures use ``serve_model`` ("float32", "int8" or "shipped")."""
+    # The code the child process measures with (the bench, the load test, the server), imported here so that
+    # it counts in the stage's code digest: changing it reruns the stage.
+    from fmnist import bench, inference, loadtest, serve  # noqa: F401
+
     command = [
         sys.executable,
         "-m",
@@ -377,8 +381,8 @@ def measure_latency_process(models: list[Path], runs: int, rounds: int = 5) -> d
     import json
     import tempfile
 
-    # The code the child processes run, imported here so that it counts in the stage's code digest.
-    from fmnist import bench, cli, inference  # noqa: F401
+    # The code the child processes measure with, imported here so that it counts in the stage's code digest.
+    from fmnist import bench, inference  # noqa: F401
 
     names = [Path(model).name for model in models]
     if len(set(names)) != len(names):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -71,11 +72,12 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def project_relative(path: Path) -> str:
+def project_relative(path: Path, *, follow_links: bool = True) -> str:
     """How a file or directory is recorded: relative to the project root when inside it (so a clone elsewhere
-    names it the same), else its absolute path."""
-    resolved = Path(path).resolve()
-    return resolved.relative_to(PROJECT_ROOT).as_posix() if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+    names it the same), else its absolute path. Without ``follow_links`` a symbolic link is named as itself,
+    not as its target (only ``..`` and ``.`` are normalised away)."""
+    absolute = Path(path).resolve() if follow_links else Path(os.path.abspath(path))
+    return absolute.relative_to(PROJECT_ROOT).as_posix() if absolute.is_relative_to(PROJECT_ROOT) else str(absolute)
 
 
 def profile_name(params_dir: Path) -> str:

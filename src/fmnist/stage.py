@@ -61,7 +61,8 @@ class StageRun:
 
         resolved = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
         digest = file_digest(resolved) if resolved.is_file() else None
-        self.records.setdefault("external_inputs", {})[project_relative(resolved)] = digest
+        # Named as given (a symbolic link as itself), so repointing the link makes the stage rerun.
+        self.records.setdefault("external_inputs", {})[project_relative(resolved, follow_links=False)] = digest
         return resolved if digest else None
 
     def save_figure(self, figure, name: str) -> None:
