@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from fmnist import evaluation, experiments, results, training
+from fmnist.config import ExperimentsLayout
 from fmnist.model import SEED_PARAMETER_COUNT, build_network, multiply_adds
 from fmnist.recipes import Recipe, recipes_from_params
 
@@ -276,29 +277,28 @@ def test_a_finished_run_is_kept_and_a_changed_recipe_retrains(tmp_path, monkeypa
     recipe = Recipe.from_params("a", {})
     stored = _fake_run("a", 1, 0.9, 0.3)
     del stored["recipe"]["head"]  # Stored before the field existed: its default is what the run used.
-    path = experiments.run_path(tmp_path, recipe, 1)
+    files = ExperimentsLayout(tmp_path)
+    path = files.run(recipe.name, 1)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(stored))
     trained = []
     monkeypatch.setattr(experiments, "run_one", lambda recipe, seed, **_: trained.append((recipe.name, seed)) or stored)
     messages = []
-    kept, missing = experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append)
+    kept, missing = experiments.run_all([(recipe, 1)], files=files, progress=messages.append)
     assert trained == [] and "kept" in messages[0] and kept == [stored] and missing == []
     changed = Recipe.from_params("a", {"epochs": 2})
-    _, missing = experiments.run_all(
-        [(changed, 1)], runs_dir=tmp_path, models_dir=tmp_path, train_missing=False, progress=messages.append
-    )
+    _, missing = experiments.run_all([(changed, 1)], files=files, train_missing=False, progress=messages.append)
     assert trained == [] and missing == ["a seed 1"]
-    experiments.run_all([(changed, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append)
+    experiments.run_all([(changed, 1)], files=files, progress=messages.append)
     assert trained == [("a", 1)] and "recipe changed" in messages[-3]
     # A run of another split is not kept either; one recorded before the split was is taken to match.
     stored["split"] = {"validation_size": 6000, "train_subset": 0}
     path.write_text(json.dumps(stored))
     settings = {"validation_size": 6000, "train_subset": 0}
-    experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append, **settings)
+    experiments.run_all([(recipe, 1)], files=files, progress=messages.append, **settings)
     assert trained == [("a", 1)] and "kept" in messages[-1]
     settings["validation_size"] = 5000
-    experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, progress=messages.append, **settings)
+    experiments.run_all([(recipe, 1)], files=files, progress=messages.append, **settings)
     assert trained == [("a", 1), ("a", 1)]
     assert "the split changed (validation_size 6000 -> 5000) since; retraining" in messages[-3]
 
@@ -310,20 +310,19 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
     stored = _fake_run("tiny", 1, 0.9, 0.3, architecture="bn_cnn", width=4, stages=[1, 1, 1])
     stored["litert_files"] = {"float32": "tiny_float32.tflite", "int8": "tiny_int8.tflite"}
     stored["litert_sha256"] = {"float32": "old", "int8": "old"}  # Made by full-integer int8, before the scheme.
-    path = experiments.run_path(tmp_path / "runs", recipe, 1)
+    files = ExperimentsLayout(tmp_path)
+    path = files.run(recipe.name, 1)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(stored))
-    models = tmp_path / "models"
+    models = files.models
     messages = []
     images = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32)
     labels = np.arange(40) % 10
 
     def rerun():
-        runs = tmp_path / "runs"
         return experiments.run_all(
             [(recipe, 1)],
-            runs_dir=runs,
-            models_dir=models,
+            files=files,
             progress=messages.append,
             x_test=images,
             y_test=labels,
@@ -340,7 +339,7 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
     (models / "tiny_int8.tflite").write_bytes(b"an older export")
     kept, _ = rerun()
     assert kept == [stored] and "not on disk" in messages[-1]
-    build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(experiments.model_path(models, "tiny", 1))
+    build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(files.model("tiny", 1))
     kept, _ = rerun()
     assert "re-exported" in messages[-1]
     rewritten = json.loads(path.read_text())
@@ -370,19 +369,19 @@ def test_a_kept_run_from_an_older_export_scheme_is_re_exported_when_its_model_is
 
 def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retrained(tmp_path, monkeypatch):
     network = {"architecture": "bn_cnn", "width": 4, "stages": [1, 1, 1]}
-    runs, models = tmp_path / "runs", tmp_path / "models"
-    models.mkdir()
+    files = ExperimentsLayout(tmp_path)
+    files.models.mkdir()
     teacher_run = _fake_run("tiny", 1, 0.9, 0.3, tta=True, **network)
     student_run = _fake_run("pupil", 1, 0.9, 0.3, teacher="tiny", **network)
-    teacher_path = experiments.run_path(runs, Recipe(name="tiny"), 1)
-    student_path = experiments.run_path(runs, Recipe(name="pupil"), 1)
+    teacher_path = files.run("tiny", 1)
+    student_path = files.run("pupil", 1)
     teacher_path.parent.mkdir(parents=True)
     teacher_path.write_text(json.dumps(teacher_run))
     student_run["teacher"] = {"recipe": "tiny", "run_sha256": experiments.file_digest(teacher_path)}
     student_path.parent.mkdir(parents=True)
     student_path.write_text(json.dumps(student_run))
     for name in ("tiny", "pupil"):
-        build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(experiments.model_path(models, name, 1))
+        build_network("bn_cnn", width=4, stages=(1, 1, 1)).save(files.model(name, 1))
     trained, messages = [], []
     monkeypatch.setattr(
         experiments,
@@ -397,8 +396,7 @@ def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retraine
         student = Recipe.from_params("pupil", {**network, "teacher": "tiny", "tta_shifts": shifts})
         return experiments.run_all(
             [(teacher, 1), (student, 1)] if students else [(teacher, 1)],
-            runs_dir=runs,
-            models_dir=models,
+            files=files,
             train_missing=train_missing,
             progress=messages.append,
             x_test=images,
@@ -444,7 +442,7 @@ def test_a_recipe_changed_only_in_its_evaluation_is_evaluated_again_not_retraine
     assert trained == [] and all(message.endswith("kept (seed1.json)") for message in messages)
     assert [experiments.file_digest(path) for path in (teacher_path, student_path)] == digests
     # Toggling tta alone needs no model (both figures are recorded), as on a fresh clone.
-    experiments.model_path(models, "tiny", 1).unlink()
+    files.model("tiny", 1).unlink()
     rerun(1, teacher_tta=False)
     toggled = json.loads(teacher_path.read_text())
     assert trained == [] and toggled["test"] == toggled["test_without_tta"] and not toggled["recipe"]["tta"]
@@ -509,19 +507,19 @@ def test_a_short_bn_cnn_run_predicts_as_well_at_inference_as_in_training():
 
 
 def test_latency_of_models_not_on_disk_is_kept(tmp_path, monkeypatch):
-    out = tmp_path / "latency.json"
+    files = ExperimentsLayout(tmp_path)
+    out, models = files.latency, files.models
     out.write_text(json.dumps({"old_int8.tflite": {"p50_ms": 0.3}, "new_int8.tflite": {"p50_ms": 9.9}}))
-    models = tmp_path / "models"
     models.mkdir()
     # A fresh clone: no models, so nothing is measured and the committed figures stay.
-    assert experiments.measure_latency(models, out) == json.loads(out.read_text())
+    assert experiments.measure_latency(files) == json.loads(out.read_text())
     (models / "new_int8.tflite").write_bytes(b"")
 
     def fake_latency_command(command, **_):
         out.write_text(json.dumps({"new_int8.tflite": {"p50_ms": 0.1}}))
 
     monkeypatch.setattr("subprocess.run", fake_latency_command)
-    figures = experiments.measure_latency(models, out)
+    figures = experiments.measure_latency(files)
     assert figures == {"old_int8.tflite": {"p50_ms": 0.3}, "new_int8.tflite": {"p50_ms": 0.1}}
     assert json.loads(out.read_text()) == figures
 
@@ -567,9 +565,10 @@ def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
     from fmnist.report import experiments_code_note
 
     layout = ArtifactLayout(tmp_path)
+    files = layout.experiments
     current = {**_fake_run("new", 1, 0.9, 0.3), "training_code": training.training_code_version()}
     for name, seed, run in (("new", 1, current), ("old", 1, _fake_run("old", 1, 0.9, 0.3))):
-        path = experiments.run_path(layout.experiment_runs, Recipe.from_params(name, {}), seed)
+        path = files.run(name, seed)
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(run))
     note = experiments_code_note(layout)
@@ -577,14 +576,14 @@ def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
     # A check by fmnist verify-run vouches for the run only if it reproduced this file with this code.
     from fmnist.runs import file_digest
 
-    old_path = layout.experiment_runs / "old" / "seed1.json"
+    old_path = files.run("old", 1)
     check = {
         "identical": True,
         "training_code": training.training_code_version(),
         "run_sha256": file_digest(old_path),
         "date": "2026-12-01",
     }
-    check_path = experiments.verification_path(layout.experiment_verifications, "old", 1)
+    check_path = files.verification("old", 1)
     for stale in ({"identical": False}, {"training_code": "older"}, {"run_sha256": "another file"}):
         check_path.parent.mkdir(parents=True, exist_ok=True)
         check_path.write_text(json.dumps({**check, **stale}))
@@ -607,7 +606,7 @@ def test_the_report_names_runs_an_earlier_training_path_produced(tmp_path):
     old_path.unlink()
     assert experiments_code_note(layout) == ""
     # A run fine-tuned for int8 by other fine-tuning code is named too; one by this code is not.
-    path = layout.experiment_runs / "new" / "seed1.json"
+    path = files.run("new", 1)
     path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": "older"}}))
     assert "1 stored run was fine-tuned for int8 by an earlier version" in experiments_code_note(layout)
     path.write_text(json.dumps({**current, "quantisation_aware": {"epochs": 1, "code": fine_tuning_code_version()}}))
@@ -631,8 +630,7 @@ def test_a_recipe_with_nothing_to_fine_tune_for_int8_fails_before_it_trains(tmp_
             y_test=labels,
             validation_size=10,
             train_subset=0,
-            runs_dir=tmp_path / "runs",
-            models_dir=tmp_path / "models",
+            files=ExperimentsLayout(tmp_path),
         )
 
 
@@ -654,15 +652,17 @@ def test_the_code_a_measuring_child_process_runs_counts_in_the_stages_code(tmp_p
             return subprocess.CompletedProcess(command, 0, "", "")
 
         subprocess.run = child
-        from fmnist import deploy, experiments
-        from fmnist.config import ArtifactLayout
+        from fmnist import experiments
+        from fmnist.config import ArtifactLayout, ExperimentsLayout
 
         def loaded():
             names = ("fmnist.bench", "fmnist.inference", "fmnist.loadtest", "fmnist.serve")
             return sorted(name for name in names if name in sys.modules)
 
-        experiments.measure_latency(Path({str(tmp_path)!r}), Path({str(tmp_path / "latency.json")!r}))
+        experiments.measure_latency(ExperimentsLayout({str(tmp_path)!r}))
         print("06", loaded())
+        from fmnist import deploy
+
         deploy.measure_latency_process([], 10, rounds=1)
         print("05 latency", loaded())
         deploy.run_benchmark_process(ArtifactLayout({str(tmp_path)!r}), seconds=1, clients=1, rate=1, runs=1)
@@ -716,22 +716,18 @@ def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
     images = rng.random((120, 28, 28, 1), dtype=np.float32)
     labels = np.arange(120) % 10
     arrays = {"x_train_full": images, "y_train_full": labels, "x_test": images[:30], "y_test": labels[:30]}
-    runs, models = tmp_path / "runs", tmp_path / "models"
-    experiments.run_one(
-        recipe, 1, **arrays, validation_size=20, train_subset=0, runs_dir=runs, models_dir=models, verbose=0
-    )
-    stored_path = experiments.run_path(runs, recipe, 1)
+    files = ExperimentsLayout(tmp_path)
+    experiments.run_one(recipe, 1, **arrays, validation_size=20, train_subset=0, files=files, verbose=0)
+    stored_path = files.run(recipe.name, 1)
     stored = stored_path.read_bytes()
-    record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "scratch", **arrays)
+    record = experiments.verify_run("tiny", 1, files=files, scratch=tmp_path / "scratch", **arrays)
     assert record["identical"] and record["differences"] == [] and stored_path.read_bytes() == stored
     assert record["training_code"] == record["stored_training_code"]
     assert record["restored_model"] is None
     # A fresh clone has the run but not its model: a run that reproduces exactly gets it back with restore.
-    model_file = experiments.model_path(models, "tiny", 1)
+    model_file = files.model("tiny", 1)
     model_file.unlink()
-    record = experiments.verify_run(
-        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "restore", restore=True, **arrays
-    )
+    record = experiments.verify_run("tiny", 1, files=files, scratch=tmp_path / "restore", restore=True, **arrays)
     assert record["restored_model"] == model_file.name
     restored = keras.models.load_model(model_file)
     assert experiments.scores(labels[:30], restored.predict(images[:30], verbose=0))["accuracy"] == pytest.approx(
@@ -739,23 +735,19 @@ def test_verify_run_retrains_a_stored_run_and_finds_what_differs(tmp_path):
     )
     # A model already on disk is never replaced.
     before = model_file.read_bytes()
-    record = experiments.verify_run(
-        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "kept", restore=True, **arrays
-    )
+    record = experiments.verify_run("tiny", 1, files=files, scratch=tmp_path / "kept", restore=True, **arrays)
     assert record["restored_model"] is None and model_file.read_bytes() == before
     # A stored figure that the code no longer computes is found and named.
     tampered = json.loads(stored)
     tampered["test_with_tta"]["accuracy"] += 0.01
     tampered["history"]["loss"][0] += 0.01
     stored_path.write_text(json.dumps(tampered))
-    record = experiments.verify_run("tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "again", **arrays)
+    record = experiments.verify_run("tiny", 1, files=files, scratch=tmp_path / "again", **arrays)
     assert not record["identical"] and record["differences"] == ["history", "test_with_tta"]
     # A run that does not reproduce never lends its retrained model.
     model_file.unlink()
-    record = experiments.verify_run(
-        "tiny", 1, runs_dir=runs, models_dir=models, scratch=tmp_path / "differs", restore=True, **arrays
-    )
+    record = experiments.verify_run("tiny", 1, files=files, scratch=tmp_path / "differs", restore=True, **arrays)
     assert record["restored_model"] is None and not model_file.exists()
     assert record["split"] == {"validation_size": 20, "train_subset": 0, "final_fit": False, "recorded": True}
     with pytest.raises(FileNotFoundError, match="no stored run"):
-        experiments.verify_run("missing", 1, runs_dir=runs, models_dir=models, scratch=tmp_path, **arrays)
+        experiments.verify_run("missing", 1, files=files, scratch=tmp_path, **arrays)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from fmnist import experiments, results, training
+from fmnist.config import ExperimentsLayout
 from fmnist.model import build_network, float32_copy, multiply_adds
 from fmnist.recipes import Recipe, recipes_from_params
 from fmnist.runs import file_digest
@@ -111,8 +113,7 @@ def _run_settings(tmp_path):
         "y_test": test_labels,
         "validation_size": 100,
         "train_subset": 0,
-        "runs_dir": tmp_path / "runs",
-        "models_dir": tmp_path / "models",
+        "files": ExperimentsLayout(tmp_path),
         "verbose": 0,
     }
 
@@ -186,12 +187,13 @@ def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path, tenso
     teacher = Recipe.from_params("teacher", common)
     student = Recipe.from_params("student", {**common, "width": 4, "teacher": "teacher"})
     settings = {**_run_settings(tmp_path), "tensorboard_dir": tmp_path / "tensorboard"}
+    files = settings["files"]
     with pytest.raises(FileNotFoundError, match="distils 'teacher', whose model .* is not on disk"):
         experiments.run_one(student, 3, **settings)
     experiments.run_one(teacher, 3, **settings)
-    assert experiments.model_path(tmp_path / "models", "teacher", 3).is_file()
+    assert files.model("teacher", 3).is_file()
     result = experiments.run_one(student, 3, **settings)
-    teacher_run = experiments.run_path(tmp_path / "runs", teacher, 3)
+    teacher_run = files.run(teacher.name, 3)
     assert {key: result["teacher"][key] for key in ("recipe", "model", "seed")} == {
         "recipe": "teacher",
         "model": "teacher_seed3.keras",
@@ -204,7 +206,7 @@ def test_a_student_trains_on_its_teachers_model_of_the_same_seed(tmp_path, tenso
     assert result["teacher"]["tflops"] == pytest.approx(expected / 1e12)
     assert results.training_tflops(result) == pytest.approx((result["compute"]["flops"] + expected) / 1e12)
     assert 0.0 <= result["test"]["accuracy"] <= 1.0
-    assert experiments.run_path(tmp_path / "runs", student, 3).is_file()
+    assert files.run(student.name, 3).is_file()
     # Each run logged its epochs for TensorBoard in a directory of its own, so the runs compare side by side.
     assert sorted(path.name for path in (tmp_path / "tensorboard").iterdir()) == ["student_seed3", "teacher_seed3"]
     validation = tensorboard_log.scalars(tmp_path / "tensorboard" / "student_seed3" / "validation", "epoch_loss")
@@ -276,10 +278,10 @@ def test_a_student_is_retrained_when_its_teacher_was_and_a_missing_teacher_model
 ):
     teacher = Recipe.from_params("teacher", {})
     student = Recipe.from_params("student", {"teacher": "teacher"})
-    runs, models = tmp_path / "runs", tmp_path / "models"
+    files = ExperimentsLayout(tmp_path)
     trained, logged = [], []
 
-    def fake_run_one(recipe, seed, *, runs_dir, models_dir, **_):
+    def fake_run_one(recipe, seed, *, files, **_):
         trained.append(recipe.name)
         logged.append(_.get("tensorboard_dir"))
         record = {
@@ -289,34 +291,32 @@ def test_a_student_is_retrained_when_its_teacher_was_and_a_missing_teacher_model
             "test": {"accuracy": 0.9, "loss": 0.3},
         }
         if recipe.teacher:
-            record["teacher"] = {"run_sha256": file_digest(experiments.run_path(runs_dir, teacher, seed))}
-        path = experiments.run_path(runs_dir, recipe, seed)
+            record["teacher"] = {"run_sha256": file_digest(files.run(teacher.name, seed))}
+        path = files.run(recipe.name, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
-        experiments.model_path(models_dir, recipe.name, seed).parent.mkdir(parents=True, exist_ok=True)
-        experiments.model_path(models_dir, recipe.name, seed).write_text("model")
+        files.model(recipe.name, seed).parent.mkdir(parents=True, exist_ok=True)
+        files.model(recipe.name, seed).write_text("model")
         return record
 
     monkeypatch.setattr(experiments, "run_one", fake_run_one)
     plan = [(teacher, 1), (student, 1)]
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    experiments.run_all(plan, files=files, progress=lambda _: None)
     assert trained == ["teacher", "student"]
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    experiments.run_all(plan, files=files, progress=lambda _: None)
     assert trained == ["teacher", "student"]  # Nothing changed: both kept.
     # A fresh clone: the runs are committed, the models are not. The student is kept (its teacher's run is
     # the one it learnt from), so nothing trains.
-    for path in models.iterdir():
+    for path in files.models.iterdir():
         path.unlink()
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    experiments.run_all(plan, files=files, progress=lambda _: None)
     assert trained == ["teacher", "student"]
     # The teacher's run changes (retrained elsewhere): the student is stale, and its teacher's model is
     # missing, so the teacher is retrained first, then the student.
-    path = experiments.run_path(runs, teacher, 1)
+    path = files.run(teacher.name, 1)
     path.write_text(path.read_text().replace('"version": 1', '"version": 9'))
     messages = []
-    experiments.run_all(
-        plan, runs_dir=runs, models_dir=models, progress=messages.append, tensorboard_dir=tmp_path / "tensorboard"
-    )
+    experiments.run_all(plan, files=files, progress=messages.append, tensorboard_dir=tmp_path / "tensorboard")
     assert trained == ["teacher", "student", "teacher", "student"]
     assert logged[-2:] == [tmp_path / "tensorboard"] * 2  # The retrained teacher logs too.
     assert any("its teacher was retrained since" in message for message in messages)
@@ -346,6 +346,12 @@ def test_the_throughput_probe_times_a_recipe_with_a_warm_up():
     for run in figures["runs"].values():
         assert len(run["step_ms_rounds"]) == 2 and run["step_ms"] == pytest.approx(min(run["step_ms_rounds"]), abs=1e-3)
     assert 0.0 <= figures["float32_augmentation_share"] < 1.0
+    # The augmentation timed on its own, and its cost as a share of the augmented step.
+    assert figures["augmentation_ms"] > 0
+    share = figures["augmentation_ms"] / figures["runs"]["float32_augmented"]["step_ms"]
+    assert figures["float32_augmentation_cost_share"] == pytest.approx(share)
+    plain = dataclasses.replace(recipe, shift_pixels=0, horizontal_flip=False)
+    assert experiments.augmentation_ms(plain, images) == 0.0
 
 
 def test_the_results_table_reads_a_summary_written_before_the_compute_columns():
@@ -424,8 +430,8 @@ def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_
 def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, monkeypatch):
     teacher = Recipe.from_params("teacher", {})
     student = Recipe.from_params("student", {"teacher": "teacher"})
-    runs, models = tmp_path / "runs", tmp_path / "models"
-    teacher_path, student_path = experiments.run_path(runs, teacher, 1), experiments.run_path(runs, student, 1)
+    files = ExperimentsLayout(tmp_path)
+    teacher_path, student_path = files.run(teacher.name, 1), files.run(student.name, 1)
     for path in (teacher_path, student_path):
         path.parent.mkdir(parents=True)
     teacher_path.write_text(json.dumps({"recipe": teacher.as_dict(), "seed": 1, "litert_export": "older"}))
@@ -433,66 +439,67 @@ def test_a_teacher_re_exported_under_a_new_scheme_keeps_its_students(tmp_path, m
     student_path.write_text(json.dumps(student_record))
     monkeypatch.setattr(experiments, "run_one", lambda *_, **__: pytest.fail("nothing needs training"))
 
-    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images):
+    def fake_refresh(result, recipe, seed, files, x_test, y_test, validation_images):
         if result.get("litert_export") != "older":
             return ""
         result["litert_export"] = "newer"  # The files and their digests change; the training does not.
-        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), result)
+        experiments.write_json(files.run(recipe.name, seed), result)
 
     monkeypatch.setattr(experiments, "refresh_export", fake_refresh)
     messages = []
     plan = [(teacher, 1), (student, 1)]
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
+    experiments.run_all(plan, files=files, progress=messages.append)
     assert json.loads(teacher_path.read_text())["litert_export"] == "newer"
     assert json.loads(student_path.read_text())["teacher"]["run_sha256"] == file_digest(teacher_path)
     assert any("its teacher's run was rewritten, not retrained" in message for message in messages)
     # The next run finds everything current: both kept, nothing rewritten.
     digests = (file_digest(teacher_path), file_digest(student_path))
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=messages.append)
+    experiments.run_all(plan, files=files, progress=messages.append)
     assert (file_digest(teacher_path), file_digest(student_path)) == digests
 
 
 def test_a_student_trained_after_its_teacher_was_re_exported_is_kept_on_the_next_run(tmp_path, monkeypatch):
     teacher = Recipe.from_params("teacher", {})
     student = Recipe.from_params("student", {"teacher": "teacher"})
-    runs, models = tmp_path / "runs", tmp_path / "models"
-    teacher_path = experiments.run_path(runs, teacher, 1)
+    files = ExperimentsLayout(tmp_path)
+    teacher_path = files.run(teacher.name, 1)
     teacher_path.parent.mkdir(parents=True)
     teacher_path.write_text(json.dumps({"recipe": teacher.as_dict(), "seed": 1, "litert_export": "older"}))
-    models.mkdir()
-    experiments.model_path(models, "teacher", 1).write_text("model")  # On disk: the teacher is not retrained.
+    files.models.mkdir()
+    files.model("teacher", 1).write_text("model")  # On disk: the teacher is not retrained.
     trained = []
 
-    def fake_run_one(recipe, seed, *, runs_dir, **_):
+    def fake_run_one(recipe, seed, *, files, **_):
         trained.append(recipe.name)
         # As run_one does: the student names the teacher run file as it is when it learns from it.
         record = {"recipe": recipe.as_dict(), "seed": seed, "teacher": {"run_sha256": file_digest(teacher_path)}}
         record["test"] = {"accuracy": 0.9, "loss": 0.3}
-        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), record)
+        experiments.write_json(files.run(recipe.name, seed), record)
         return record
 
-    def fake_refresh(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_images):
+    def fake_refresh(result, recipe, seed, files, x_test, y_test, validation_images):
         if result.get("litert_export") != "older":
             return ""
         result["litert_export"] = "newer"
-        experiments.write_json(experiments.run_path(runs_dir, recipe, seed), result)
+        experiments.write_json(files.run(recipe.name, seed), result)
 
     monkeypatch.setattr(experiments, "run_one", fake_run_one)
     monkeypatch.setattr(experiments, "refresh_export", fake_refresh)
     plan = [(teacher, 1), (student, 1)]
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    experiments.run_all(plan, files=files, progress=lambda _: None)
     assert trained == ["student"] and json.loads(teacher_path.read_text())["litert_export"] == "newer"
-    experiments.run_all(plan, runs_dir=runs, models_dir=models, progress=lambda _: None)
+    experiments.run_all(plan, files=files, progress=lambda _: None)
     assert trained == ["student"]  # The student learnt from the re-exported file: nothing is stale.
 
 
 def test_summarising_what_is_on_disk_rewrites_nothing(tmp_path, monkeypatch):
     recipe = Recipe.from_params("a", {})
-    path = experiments.run_path(tmp_path, recipe, 1)
+    files = ExperimentsLayout(tmp_path)
+    path = files.run(recipe.name, 1)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"recipe": recipe.as_dict(), "seed": 1, "litert_export": "older"}))
     monkeypatch.setattr(experiments, "refresh_export", lambda *_: pytest.fail("train_missing=False re-exported"))
-    kept, missing = experiments.run_all([(recipe, 1)], runs_dir=tmp_path, models_dir=tmp_path, train_missing=False)
+    kept, missing = experiments.run_all([(recipe, 1)], files=files, train_missing=False)
     assert len(kept) == 1 and missing == []
 
 
@@ -512,9 +519,9 @@ def test_a_final_fit_trains_on_every_training_image_and_records_no_validation_fi
     from fmnist import data, deploy
 
     x_val = data.train_validation_split(settings["x_train_full"], settings["y_train_full"], 100, 3)[2]
-    keras_model = training.load_model(experiments.model_path(tmp_path / "models", "final", 3))
+    keras_model = training.load_model(settings["files"].model("final", 3))
     expected = deploy.probability_agreement(
-        tmp_path / "models" / "final_int8.tflite", x_val, keras_model.predict(x_val, verbose=0)
+        settings["files"].litert_model("final", "int8"), x_val, keras_model.predict(x_val, verbose=0)
     )
     assert result["litert_served"]["int8"]["validation_probability_difference"] == pytest.approx(expected)
     summary = {row["recipe"]: row for row in results.summarise([split, result])}

@@ -243,3 +243,19 @@ def test_the_latency_figure_keeps_to_one_machine_and_every_recipe_has_its_own_lo
     assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == ["old"]
     assert not figure.axes[0].texts
     plt.close(figure)
+
+
+def test_the_compute_block_gives_the_augmentations_cost_timed_on_its_own_when_the_probe_recorded_it():
+    throughput = {
+        "recipe": "bn_cnn_deep",
+        "machine": "AMD EPYC",
+        "runs": {"float32_augmented": {"gflops": 80.0, "step_ms": 50.0}},
+        "float32_augmentation_share": 0.12,
+        "bfloat16_speedup": 1.2,
+    }
+    summary = {"recipes": [{"recipe": "a", "training_tflops_mean": None}], "throughput": throughput}
+    older = report.compute_block(summary)
+    assert "slows a step by 12.0% (step times with and without it)" in older and "on its own" not in older
+    throughput.update(augmentation_ms=2.0, float32_augmentation_cost_share=0.04)
+    text = report.compute_block(summary)
+    assert "on its own it costs 2.0 ms per batch, 4.0% of a step" in text and "1.20x the float32 speed" in text

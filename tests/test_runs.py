@@ -158,7 +158,7 @@ def test_the_report_reruns_when_fmnist_verify_run_checks_a_stored_run(tmp_path):
     (tmp_path / "report.html").write_text("<html>")
     identity = runs.StageIdentity(params="p", notebook="n", code={})
     assert runs.why_not_current(layout, "report", identity) is None
-    check = layout.experiment_verifications / "bn_cnn_deep" / "seed42.json"
+    check = layout.experiments.verification("bn_cnn_deep", 42)
     check.parent.mkdir(parents=True)
     check.write_text(json.dumps({"identical": True}))
     assert runs.stage_inputs(tmp_path, "report") == ["experiments/verified/bn_cnn_deep/seed42.json", "metrics.json"]

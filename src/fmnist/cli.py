@@ -252,8 +252,7 @@ def _verify_run(arguments: argparse.Namespace) -> int:
             record = experiments.verify_run(
                 arguments.recipe,
                 arguments.seed,
-                runs_dir=layout.experiment_runs,
-                models_dir=layout.experiment_models,
+                files=layout.experiments,
                 scratch=Path(scratch),
                 x_train_full=dataset.x_train,
                 y_train_full=dataset.y_train,
@@ -264,13 +263,10 @@ def _verify_run(arguments: argparse.Namespace) -> int:
                 verbose=2 if arguments.verbose else 0,
             )
             # The latest check of each run is kept beside the runs, where the report finds it.
-            write_json(
-                experiments.verification_path(layout.experiment_verifications, arguments.recipe, arguments.seed),
-                record,
-            )
+            write_json(layout.experiments.verification(arguments.recipe, arguments.seed), record)
             if record["restored_model"]:
                 # Not the bytes 06_experiments wrote (Keras stamps the date): its record stops vouching for them.
-                runs.release_output(layout, layout.experiment_models / record["restored_model"])
+                runs.release_output(layout, layout.experiments.models / record["restored_model"])
     except (FileNotFoundError, ValueError, data.DataError) as error:
         print(f"fmnist verify-run: error: {error}", file=sys.stderr)
         return 2
@@ -280,7 +276,7 @@ def _verify_run(arguments: argparse.Namespace) -> int:
     verdict = "reproduced exactly" if record["identical"] else f"differs in {', '.join(record['differences'])}"
     print(f"fmnist verify-run: {arguments.recipe} seed {arguments.seed}: {verdict} ({record['minutes']} min)")
     if record["restored_model"]:
-        print(f"fmnist verify-run: its model is back in {layout.experiment_models / record['restored_model']}")
+        print(f"fmnist verify-run: its model is back in {layout.experiments.models / record['restored_model']}")
     elif arguments.restore and record["identical"]:
         print("fmnist verify-run: its model was already on disk; left as it was")
     return 0 if record["identical"] else 1

@@ -88,64 +88,84 @@ class ArtifactLayout:
         return self.root / "notebooks"
 
     @property
+    def eda(self) -> Path:
+        """01_eda's directory."""
+        return self.root / "eda"
+
+    @property
     def eda_summary(self) -> Path:
-        return self.root / "eda" / "summary.json"
+        return self.eda / "summary.json"
+
+    @property
+    def tuning(self) -> Path:
+        """02_tune's directory."""
+        return self.root / "tuning"
 
     @property
     def tuner_dir(self) -> Path:
-        return self.root / "tuning" / "keras_tuner"
+        return self.tuning / "keras_tuner"
 
     @property
     def tuning_trials(self) -> Path:
-        return self.root / "tuning" / "trials.csv"
+        return self.tuning / "trials.csv"
 
     @property
     def best_hyperparameters(self) -> Path:
-        return self.root / "tuning" / "best_hyperparameters.json"
+        return self.tuning / "best_hyperparameters.json"
 
     @property
     def budget_comparison(self) -> Path:
         """02_tune's comparison of its ranking with the seed's full-budget grid."""
-        return self.root / "tuning" / "budget_comparison.json"
+        return self.tuning / "budget_comparison.json"
+
+    @property
+    def model_dir(self) -> Path:
+        """03_train's directory."""
+        return self.root / "model"
 
     @property
     def model(self) -> Path:
-        return self.root / "model" / "model.keras"
+        return self.model_dir / "model.keras"
 
     @property
     def training_checkpoint(self) -> Path:
         """03_train's per-epoch checkpoint (removed once the model is saved)."""
-        return self.root / "model" / "checkpoint"
+        return self.model_dir / "checkpoint"
 
     @property
     def history(self) -> Path:
-        return self.root / "model" / "history.json"
+        return self.model_dir / "history.json"
 
     @property
     def training_summary(self) -> Path:
-        return self.root / "model" / "training.json"
+        return self.model_dir / "training.json"
+
+    @property
+    def deploy(self) -> Path:
+        """05_deploy's directory."""
+        return self.root / "deploy"
 
     def litert_model(self, kind: str) -> Path:
         """The exported LiteRT model, ``kind`` being "float32" or "int8"."""
-        return self.root / "deploy" / f"model_{kind}.tflite"
+        return self.deploy / f"model_{kind}.tflite"
 
     @property
     def deploy_summary(self) -> Path:
-        return self.root / "deploy" / "deploy.json"
+        return self.deploy / "deploy.json"
 
     @property
     def bench(self) -> Path:
-        return self.root / "deploy" / "bench.json"
+        return self.deploy / "bench.json"
 
     @property
     def shipping(self) -> Path:
         """05_deploy's choice of the model that ships, with every candidate's figures."""
-        return self.root / "deploy" / "shipping.json"
+        return self.deploy / "shipping.json"
 
     @property
     def shipped_model(self) -> Path:
         """The int8 model that the shipping rule chose (``make ship-model`` installs it)."""
-        return self.root / "deploy" / "shipped_int8.tflite"
+        return self.deploy / "shipped_int8.tflite"
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -169,29 +189,99 @@ class ArtifactLayout:
         return self.root / "report.html"
 
     @property
-    def experiments(self) -> Path:
-        """The 06_experiments stage's directory: ``runs/<recipe>/seed<N>.json``, ``models/``, summaries."""
-        return self.root / "experiments"
-
-    @property
-    def experiment_runs(self) -> Path:
-        return self.experiments / "runs"
-
-    @property
-    def experiment_models(self) -> Path:
-        return self.experiments / "models"
-
-    @property
-    def experiment_verifications(self) -> Path:
-        """``fmnist verify-run``'s latest check of each stored run: ``verified/<recipe>/seed<N>.json``."""
-        return self.experiments / "verified"
-
-    @property
-    def experiments_summary(self) -> Path:
-        return self.experiments / "summary.json"
+    def experiments(self) -> ExperimentsLayout:
+        """The 06_experiments stage's files (``experiments/``)."""
+        return ExperimentsLayout(self.root / "experiments")
 
     def stage_manifest(self, stage: str) -> Path:
         return self.root / "manifests" / f"{stage}.json"
 
     def figure(self, name: str) -> Path:
         return self.figures / f"{name}.png"
+
+
+class ExperimentsLayout:
+    """The 06_experiments stage's files below its directory: ``OUT/experiments``, or another run's, which
+    05_deploy may take its candidates from.
+
+    The directory is kept as given, not resolved: a path read from outside a run is recorded as it was named.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.root = Path(directory)
+
+    @property
+    def runs(self) -> Path:
+        """One record per run: ``runs/<recipe>/seed<N>.json``."""
+        return self.root / "runs"
+
+    @property
+    def models(self) -> Path:
+        """Each run's Keras model and each recipe's LiteRT files (not committed)."""
+        return self.root / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Per-epoch checkpoints of runs in progress (a cache: removed once a run is stored)."""
+        return self.root / "checkpoints"
+
+    @property
+    def tuner_dir(self) -> Path:
+        """The hyperparameter search's keras-tuner state (a cache)."""
+        return self.root / "keras_tuner"
+
+    @property
+    def verifications(self) -> Path:
+        """``fmnist verify-run``'s latest check of each stored run: ``verified/<recipe>/seed<N>.json``."""
+        return self.root / "verified"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def latency(self) -> Path:
+        """Single-image LiteRT latency of every file in ``models/``, keyed by file name."""
+        return self.root / "latency.json"
+
+    @property
+    def throughput(self) -> Path:
+        return self.root / "throughput.json"
+
+    @property
+    def search(self) -> Path:
+        """The hyperparameter search's request, best values and wall time."""
+        return self.root / "search.json"
+
+    @property
+    def search_trials(self) -> Path:
+        return self.root / "search_trials.csv"
+
+    def run(self, recipe_name: str, seed: int) -> Path:
+        return self.runs / recipe_name / f"seed{seed}.json"
+
+    def recipe_runs(self, recipe_name: str) -> list[Path]:
+        """The stored runs of one recipe, in seed order as text."""
+        return sorted((self.runs / recipe_name).glob("seed*.json"))
+
+    def all_runs(self) -> list[Path]:
+        return sorted(self.runs.glob("*/seed*.json"))
+
+    def model(self, recipe_name: str, seed: int) -> Path:
+        """A run's trained Keras model (a distilled recipe's teacher is read from here)."""
+        return self.models / f"{recipe_name}_seed{seed}.keras"
+
+    @staticmethod
+    def litert_name(recipe_name: str, kind: str) -> str:
+        """The file name of a recipe's exported LiteRT model, ``kind`` being "float32" or "int8" (the latency
+        figures are keyed by it)."""
+        return f"{recipe_name}_{kind}.tflite"
+
+    def litert_model(self, recipe_name: str, kind: str) -> Path:
+        return self.models / self.litert_name(recipe_name, kind)
+
+    def checkpoint(self, recipe_name: str, seed: int) -> Path:
+        return self.checkpoints / recipe_name / f"seed{seed}"
+
+    def verification(self, recipe_name: str, seed: int) -> Path:
+        return self.verifications / recipe_name / f"seed{seed}.json"

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.config import NUM_CLASSES, ArtifactLayout
+# bench and inference are the code `fmnist latency` measures with in the child processes started here: imported
+# with this module, they count in the code digest of every stage that measures latency through it (05_deploy,
+# 06_experiments), so a change to how latency is measured reruns those stages.
+from fmnist import bench  # noqa: F401
+from fmnist.config import NUM_CLASSES, ArtifactLayout, ExperimentsLayout
 from fmnist.inference import Classifier
 
 # How far an export's test accuracy may fall from the Keras model's, in accuracy points.
@@ -129,9 +133,9 @@ def run_benchmark_process(
 ) -> Path:
     """Run ``fmnist bench`` in a fresh process (one thread per engine, no state from this kernel); its serving
     figures use ``serve_model`` ("float32", "int8" or "shipped")."""
-    # The code the child process measures with (the bench, the load test, the server), imported here so that
-    # it counts in the stage's code digest: changing it reruns the stage.
-    from fmnist import bench, inference, loadtest, serve  # noqa: F401
+    # The rest of the code the child process measures with (the load test, the server; bench and inference come
+    # with this module), imported here so that it counts in the stage's code digest: changing it reruns the stage.
+    from fmnist import loadtest, serve  # noqa: F401
 
     command = [
         sys.executable,
@@ -211,26 +215,26 @@ def shipping_candidates(
             "validation_p99": None,
         }
     ]
-    summary_path = Path(experiments_dir or "") / "summary.json"
-    if experiments_dir is None or not summary_path.is_file():
+    files = None if experiments_dir is None else ExperimentsLayout(experiments_dir)
+    if files is None or not files.summary.is_file():
         return candidates
 
     @functools.cache
     def recipe_runs(name: str) -> tuple[dict, ...]:
         # Read once per recipe: a final fit reads the runs of the recipe it refits, listed on their own too.
-        run_files = sorted((Path(experiments_dir) / "runs" / name).glob("seed*.json"))
+        run_files = files.recipe_runs(name)
         for path in run_files:
             external_input(str(path))
         return tuple(read_json(path) for path in run_files)
 
-    for row in read_json(summary_path)["recipes"]:
+    for row in read_json(files.summary)["recipes"]:
         name = row["recipe"]
         runs = recipe_runs(name)
         judged_by = ((runs[0].get("recipe") or {}).get("final_fit_of") or None) if runs else None
         exported = [run for run in runs if run.get("litert_files")]
         if not exported:
             continue
-        path = Path(experiments_dir) / "models" / exported[0]["litert_files"]["int8"]
+        path = files.models / exported[0]["litert_files"]["int8"]
         on_disk = file_digest(path) if path.is_file() else None
         matching = [run for run in exported if on_disk and (run.get("litert_sha256") or {}).get("int8") == on_disk]
         judging_runs = recipe_runs(judged_by) if judged_by else runs
@@ -371,6 +375,18 @@ def choose_shipped(
     }
 
 
+def latency_process(models: list[Path], runs: int, out: Path) -> dict[str, dict]:
+    """Single-image LiteRT latency of ``models`` from one fresh ``fmnist latency`` process (no TensorFlow in
+    it), which times them in turns, ``runs`` calls each, and writes its figures, keyed by file name, to
+    ``out``."""
+    from fmnist.io import read_json
+
+    command = [sys.executable, "-m", "fmnist", "latency", *map(str, models), "--runs", str(runs), "--json", str(out)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    return read_json(out)
+
+
 def measure_latency_process(models: list[Path], runs: int, rounds: int = 5) -> dict[str, dict]:
     """Single-image LiteRT latency of ``models``, keyed by file name, robust to a passing stall.
 
@@ -378,24 +394,14 @@ def measure_latency_process(models: list[Path], runs: int, rounds: int = 5) -> d
     turn; a model's ``p50_ms`` is the median of its rounds' medians (``rounds_p50_ms`` lists them), so a
     stall of the machine during one model's turn does not decide the shipping rule.
     """
-    import json
     import tempfile
-
-    # The code the child processes measure with, imported here so that it counts in the stage's code digest.
-    from fmnist import bench, inference  # noqa: F401
 
     names = [Path(model).name for model in models]
     if len(set(names)) != len(names):
         raise ValueError(f"models share a file name, so their figures would mix: {sorted(names)}.")
-    per_round: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "latency.json"
-        for _ in range(rounds):
-            command = [sys.executable, "-m", "fmnist", "latency", *map(str, models)]
-            command += ["--runs", str(max(1, runs // rounds)), "--json", str(out)]
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
-            per_round.append(json.loads(out.read_text()))
+        per_round = [latency_process(models, max(1, runs // rounds), out) for _ in range(rounds)]
     figures = {}
     for name in names:
         medians = [figures_of_round[name]["p50_ms"] for figures_of_round in per_round]

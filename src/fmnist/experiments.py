@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fmnist.config import ExperimentsLayout
 from fmnist.data import tta_view_count, tta_views
 from fmnist.io import atomic_path, read_json, write_json
 from fmnist.manifest import describe_machine
@@ -63,23 +64,9 @@ def scores(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     }
 
 
-def run_path(runs_dir: Path, recipe: Recipe, seed: int) -> Path:
-    return Path(runs_dir) / recipe.name / f"seed{seed}.json"
-
-
-def verification_path(verifications_dir: Path, recipe_name: str, seed: int) -> Path:
-    """Where ``fmnist verify-run`` keeps its latest check of a stored run (the report reads them)."""
-    return Path(verifications_dir) / recipe_name / f"seed{seed}.json"
-
-
 def tensorboard_path(tensorboard_dir: Path, recipe_name: str, seed: int) -> Path:
     """Where a run's TensorBoard log goes: one directory per (recipe, seed), so the curves compare side by side."""
     return Path(tensorboard_dir) / f"{recipe_name}_seed{seed}"
-
-
-def model_path(models_dir: Path, recipe_name: str, seed: int) -> Path:
-    """Where a run's trained Keras model is kept (a distilled recipe's teacher is read from here)."""
-    return Path(models_dir) / f"{recipe_name}_seed{seed}.keras"
 
 
 def distillation_targets(teacher: keras.Model, images: np.ndarray, labels: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -112,15 +99,14 @@ def run_one(
     y_test: np.ndarray,
     validation_size: int,
     train_subset: int,
-    runs_dir: Path,
-    models_dir: Path,
+    files: ExperimentsLayout,
     export: bool = False,
     checkpoint_dir: Path | None = None,
     tensorboard_dir: Path | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
     """Train and evaluate one recipe with one seed; write its result, its Keras model and, with ``export``,
-    its LiteRT models into ``models_dir``.
+    its LiteRT models into ``files.models`` (the result into ``files.runs``).
 
     With ``checkpoint_dir`` a killed run resumes at its last complete epoch. With ``tensorboard_dir``
     the training logs its epochs to ``<tensorboard_dir>/<recipe>_seed<N>/``.
@@ -151,7 +137,7 @@ def run_one(
         # The teacher's run with the same seed saw the same training images: the same split, or for a final fit all
         # of them (fmnist.recipes requires a final fit's teacher to be a final fit). The validation images stay
         # unseen by both, or are seen by both.
-        teacher_file = model_path(models_dir, recipe.teacher, seed)
+        teacher_file = files.model(recipe.teacher, seed)
         if not teacher_file.is_file():
             raise FileNotFoundError(
                 f"{recipe.name} seed {seed} distils {recipe.teacher!r}, whose model {teacher_file} is not on disk "
@@ -160,14 +146,14 @@ def run_one(
             )
         teacher = keras.models.load_model(teacher_file)
         targets = distillation_targets(teacher, x_train, y_train, recipe)
-        teacher_run = read_json(run_path(runs_dir, Recipe(name=recipe.teacher), seed))
+        teacher_run = read_json(files.run(recipe.teacher, seed))
         # The student's compute includes its teacher's: the teacher's training, then two predictions per image.
         inference_flops = 2 * 2 * teacher_run["multiply_adds"] * len(y_train)
         teacher_record = {
             "recipe": recipe.teacher,
             "model": teacher_file.name,
             "seed": seed,
-            "run_sha256": file_digest(run_path(runs_dir, Recipe(name=recipe.teacher), seed)),
+            "run_sha256": file_digest(files.run(recipe.teacher, seed)),
             "tflops": training_tflops(teacher_run) + inference_flops / 1e12,
         }
     callbacks = [] if tensorboard_dir is None else [TensorBoard(tensorboard_path(tensorboard_dir, recipe.name, seed))]
@@ -213,11 +199,11 @@ def run_one(
             validation_plain if x_val is not None else fitted.model.predict(x_agreement, batch_size=1000, verbose=0)
         )
         result.update(
-            export_litert(fitted.model, models_dir, recipe.name, x_test, y_test, plain, x_agreement, agreement_plain)
+            export_litert(fitted.model, files, recipe.name, x_test, y_test, plain, x_agreement, agreement_plain)
         )
-    with atomic_path(model_path(models_dir, recipe.name, seed)) as temporary:
+    with atomic_path(files.model(recipe.name, seed)) as temporary:
         fitted.model.save(temporary)
-    write_json(run_path(runs_dir, recipe, seed), result)
+    write_json(files.run(recipe.name, seed), result)
     if checkpoint_dir is not None:
         discard_checkpoint(checkpoint_dir)
     return result
@@ -307,7 +293,7 @@ def quantisation_aware_fine_tune(
 
 def export_litert(
     model: keras.Model,
-    models_dir: Path,
+    files: ExperimentsLayout,
     name: str,
     x_test: np.ndarray,
     y_test: np.ndarray,
@@ -323,20 +309,20 @@ def export_litert(
     """
     from fmnist import deploy, export
 
-    files = {
-        "float32": export.write_model(export.to_float32(model), Path(models_dir) / f"{name}_float32.tflite"),
-        "int8": export.write_model(export.to_int8(model), Path(models_dir) / f"{name}_int8.tflite"),
+    written = {
+        "float32": export.write_model(export.to_float32(model), files.litert_model(name, "float32")),
+        "int8": export.write_model(export.to_int8(model), files.litert_model(name, "int8")),
     }
     served = {}
-    for kind, path in files.items():
+    for kind, path in written.items():
         served[kind] = deploy.served_figures(path, x_test, y_test, keras_probabilities)
         served[kind]["validation_probability_difference"] = deploy.probability_agreement(
             path, x_val, validation_probabilities
         )
     return {
-        "litert_files": {kind: path.name for kind, path in files.items()},
+        "litert_files": {kind: path.name for kind, path in written.items()},
         # Which run a file on disk came from: the shipping rule checks it before it trusts the run's figures.
-        "litert_sha256": {kind: file_digest(path) for kind, path in files.items()},
+        "litert_sha256": {kind: file_digest(path) for kind, path in written.items()},
         "litert_export": export.EXPORT_SCHEME,
         "litert_served": served,
     }
@@ -346,8 +332,7 @@ def refresh_export(
     result: dict[str, Any],
     recipe: Recipe,
     seed: int,
-    runs_dir: Path,
-    models_dir: Path,
+    files: ExperimentsLayout,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
     validation_split: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
@@ -362,12 +347,12 @@ def refresh_export(
     """
     from fmnist import export
 
-    files = (result.get("litert_files") or {}).values()
+    exported = (result.get("litert_files") or {}).values()
     served = ((result.get("litert_served") or {}).get("int8") or {}).get("validation_probability_difference")
     current = result.get("litert_export") == export.EXPORT_SCHEME and served is not None
-    if current or not any((Path(models_dir) / f).is_file() for f in files):
+    if current or not any((files.models / name).is_file() for name in exported):
         return ""
-    model_file = model_path(models_dir, recipe.name, seed)
+    model_file = files.model(recipe.name, seed)
     if not model_file.is_file():
         return (
             f"its model {model_file.name} is not on disk (models are not committed), so its files cannot be "
@@ -380,7 +365,7 @@ def refresh_export(
     result.update(
         export_litert(
             model,
-            models_dir,
+            files,
             recipe.name,
             x_test,
             y_test,
@@ -389,7 +374,7 @@ def refresh_export(
             model.predict(x_val, batch_size=1000, verbose=0),
         )
     )
-    write_json(run_path(runs_dir, recipe, seed), result)
+    write_json(files.run(recipe.name, seed), result)
     return None
 
 
@@ -401,8 +386,7 @@ def _keep(
     *,
     re_point_teacher: str | None,
     refresh: bool,
-    runs_dir: Path,
-    models_dir: Path,
+    files: ExperimentsLayout,
     x_test: np.ndarray | None,
     y_test: np.ndarray | None,
     validation_split: Callable[[int], tuple[np.ndarray, np.ndarray]] | None,
@@ -420,7 +404,7 @@ def _keep(
     (``rewritten_from``): a student of such a teacher is re-pointed instead of retrained, even by a later
     run when this one stopped before reaching it.
     """
-    path = run_path(runs_dir, recipe, seed)
+    path = files.run(recipe.name, seed)
     before = file_digest(path)
     if re_point_teacher is not None:
         result["teacher"]["run_sha256"] = re_point_teacher
@@ -439,7 +423,7 @@ def _keep(
             # run recorded its figures both with and without its TTA.)
             # A final fit trained on the validation split: it has no validation figures to evaluate again.
             x_val, y_val = (None, None) if recipe.final_fit else validation_split(seed)
-            model = keras.models.load_model(model_path(models_dir, recipe.name, seed))
+            model = keras.models.load_model(files.model(recipe.name, seed))
             fresh = evaluate(model, recipe, x_val, y_val, x_test, y_test)[2]
             # Only the figures with TTA change: those without it stay as the run recorded them.
             stored_tta = result.get("validation_tta") or {}
@@ -453,9 +437,7 @@ def _keep(
         result["recipe"] = recipe.as_dict()
         write_json(path, result)
         progress(f"{label}: evaluated again ({changes}); the same training, so it is kept")
-    why_not = (
-        refresh_export(result, recipe, seed, runs_dir, models_dir, x_test, y_test, validation_split) if refresh else ""
-    )
+    why_not = refresh_export(result, recipe, seed, files, x_test, y_test, validation_split) if refresh else ""
     if why_not is None:
         progress(f"{label}: re-exported (new export scheme, or served figures on the validation images added)")
     elif why_not:
@@ -508,8 +490,7 @@ def _stored_recipe(values: dict[str, Any]) -> Recipe | None:
 def run_all(
     plan: Iterable[tuple[Recipe, int]],
     *,
-    runs_dir: Path,
-    models_dir: Path,
+    files: ExperimentsLayout,
     train_missing: bool = True,
     force: bool = False,
     progress: Callable[[str], None] = _say,
@@ -535,11 +516,11 @@ def run_all(
         first_seed.setdefault(recipe.name, seed)
     for position, (recipe, seed) in enumerate(plan, start=1):
         label = f"{position}/{len(plan)} {recipe.name} seed {seed}"
-        path = run_path(runs_dir, recipe, seed)
+        path = files.run(recipe.name, seed)
         if path.is_file() and not force:
             result = read_json(path)
             recorded = (result.get("teacher") or {}).get("run_sha256")
-            teacher_path = run_path(runs_dir, Recipe(name=recipe.teacher), seed) if recipe.teacher else None
+            teacher_path = files.run(recipe.teacher, seed) if recipe.teacher else None
             current = _sha_or_none(teacher_path) if teacher_path else None
             # A teacher's file rewritten without retraining (re-exported, evaluated again) lists its old digests.
             re_pointed = (
@@ -553,7 +534,7 @@ def run_all(
             stored = _stored_recipe(result["recipe"])
             # A recipe changed only in how its model is evaluated is evaluated again, when it can be.
             evaluation_only = stored is not None and stored != recipe and stored.evaluated_as(recipe) == recipe
-            model_on_disk = model_path(models_dir, recipe.name, seed).is_file()
+            model_on_disk = files.model(recipe.name, seed).is_file()
             # Toggling tta alone picks the other recorded figures; other views need the model and the images.
             toggled = evaluation_only and stored.tta_shifts == recipe.tta_shifts and "test_with_tta" in result
             evaluate_again = evaluation_only and train_missing and (toggled or (model_on_disk and images_given))
@@ -571,8 +552,7 @@ def run_all(
                     re_point_teacher=current if re_pointed else None,
                     # train_missing=False writes nothing: it summarises what is on disk.
                     refresh=train_missing,
-                    runs_dir=runs_dir,
-                    models_dir=models_dir,
+                    files=files,
                     x_test=data_and_settings.get("x_test"),
                     y_test=data_and_settings.get("y_test"),
                     validation_split=validation_split,
@@ -596,31 +576,28 @@ def run_all(
             progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: missing, not trained (train_missing=False)")
             missing.append(f"{recipe.name} seed {seed}")
             continue
-        if recipe.teacher and not model_path(models_dir, recipe.teacher, seed).is_file():
+        if recipe.teacher and not files.model(recipe.teacher, seed).is_file():
             # Models are not committed: a kept teacher run has no model on a fresh clone, so retrain it first.
             teacher = next(other for other, other_seed in plan if other.name == recipe.teacher)
             progress(f"{position}/{len(plan)} {recipe.teacher} seed {seed}: retraining the teacher (no model on disk)")
             retrained = run_one(
                 teacher,
                 seed,
-                runs_dir=runs_dir,
-                models_dir=models_dir,
+                files=files,
                 export=seed == first_seed[teacher.name],
-                checkpoint_dir=Path(runs_dir).parent / "checkpoints" / teacher.name / f"seed{seed}",
+                checkpoint_dir=files.checkpoint(teacher.name, seed),
                 tensorboard_dir=tensorboard_dir,
                 **data_and_settings,
             )
             results = [r for r in results if (r["recipe"]["name"], r["seed"]) != (teacher.name, seed)] + [retrained]
         progress(f"{position}/{len(plan)} {recipe.name} seed {seed}: training ...")
         started = time.perf_counter()
-        checkpoint = Path(runs_dir).parent / "checkpoints" / recipe.name / f"seed{seed}"
         result = run_one(
             recipe,
             seed,
-            runs_dir=runs_dir,
-            models_dir=models_dir,
+            files=files,
             export=seed == first_seed[recipe.name],
-            checkpoint_dir=checkpoint,
+            checkpoint_dir=files.checkpoint(recipe.name, seed),
             tensorboard_dir=tensorboard_dir,
             **data_and_settings,
         )
@@ -632,26 +609,20 @@ def run_all(
     return results, missing
 
 
-def measure_latency(models_dir: Path, out: Path, runs: int = 1000) -> dict[str, dict]:
-    """Time every LiteRT model in ``models_dir`` in a fresh process (no TensorFlow in it).
+def measure_latency(files: ExperimentsLayout, runs: int = 1000) -> dict[str, dict]:
+    """Time every LiteRT model in ``files.models`` in a fresh process (no TensorFlow in it), into ``files.latency``.
 
-    The models are not committed, so a fresh clone has the runs and ``out`` but no models: figures
-    of models not on disk are kept from ``out``, and those on disk are measured anew.
+    The models are not committed, so a fresh clone has the runs and the latency file but no models: figures
+    of models not on disk are kept from the file, and those on disk are measured anew.
     """
-    import subprocess
+    from fmnist.deploy import latency_process
 
-    # The code the child process measures with, imported here so that it counts in the stage's code digest: a
-    # change to how latency is measured makes the stage rerun.
-    from fmnist import bench, inference  # noqa: F401
-
-    previous = read_json(out) if Path(out).is_file() else {}
-    models = sorted(str(path) for path in Path(models_dir).glob("*.tflite"))
+    previous = read_json(files.latency) if files.latency.is_file() else {}
+    models = sorted(files.models.glob("*.tflite"))
     if not models:
         return previous
-    command = [sys.executable, "-m", "fmnist", "latency", *models, "--runs", str(runs), "--json", str(out)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    figures = {**previous, **read_json(out)}
-    write_json(out, figures)
+    figures = {**previous, **latency_process(models, runs, files.latency)}
+    write_json(files.latency, figures)
     return figures
 
 
@@ -696,7 +667,7 @@ def search_hyperparameters(
     train_subset: int,
     max_epochs: int,
     seed: int,
-    out_dir: Path,
+    files: ExperimentsLayout,
     data_checksums: dict[str, str] | None = None,
     workers: int = 0,
     tensorboard_dir: Path | None = None,
@@ -707,8 +678,8 @@ def search_hyperparameters(
     would otherwise compare losses computed with different smoothing. The
     recipe's schedule runs over ``max_epochs``, the longest any trial trains.
     Trials run through ``fmnist.tuning.search`` (resumable; ``workers`` > 0
-    spreads them over worker processes). Writes ``search.json`` (the request,
-    the best values, the wall time) and ``search_trials.csv`` in ``out_dir``;
+    spreads them over worker processes). Writes ``files.search`` (the request,
+    the best values, the wall time) and ``files.search_trials``;
     with ``tensorboard_dir``, each trial's TensorBoard log and hyperparameters.
     """
     import dataclasses
@@ -725,7 +696,7 @@ def search_hyperparameters(
         train_subset=train_subset,
         data_checksums=data_checksums or {},
     )
-    stored_path = Path(out_dir) / "search.json"
+    stored_path = files.search
     if stored_path.is_file():
         stored = read_json(stored_path)
         if stored.get("request_digest") == request.digest:
@@ -736,11 +707,11 @@ def search_hyperparameters(
         request,
         x_train_full,
         y_train_full,
-        directory=Path(out_dir) / "keras_tuner",
+        directory=files.tuner_dir,
         workers=workers,
         tensorboard_dir=tensorboard_dir,
     )
-    with atomic_path(Path(out_dir) / "search_trials.csv") as temporary:
+    with atomic_path(files.search_trials) as temporary:
         found.trials.to_csv(temporary, index=False)
     result = {
         "request": json.loads(request.to_json()),
@@ -768,6 +739,28 @@ class StepTimer(keras.callbacks.Callback):
         self._last = now
 
 
+def augmentation_ms(recipe: Recipe, images: np.ndarray, *, calls: int = 100, blocks: int = 5) -> float:
+    """What the recipe's augmentation of one batch costs on its own, in milliseconds: ``training.augment_batch``
+    compiled as the input pipeline runs it, on one batch of ``images``, timed in ``blocks`` blocks of ``calls``
+    calls; the median of the blocks' means. 0 for a recipe that does not augment."""
+    import tensorflow as tf
+
+    from fmnist.training import augment_batch
+
+    if not recipe.augments:
+        return 0.0
+    batch = tf.constant(images[: recipe.batch_size])
+    augment = tf.function(lambda step: augment_batch(batch, recipe, tf.stack([tf.constant(0, tf.int64), step])))
+    augment(tf.constant(0, tf.int64))  # Traced outside the timing.
+    means = []
+    for block in range(blocks):
+        started = time.perf_counter()
+        for call in range(calls):
+            augment(tf.constant(block * calls + call, tf.int64))
+        means.append((time.perf_counter() - started) / calls)
+    return float(np.median(means) * 1e3)
+
+
 def measure_throughput(
     recipe: Recipe, images: np.ndarray, labels: np.ndarray, *, steps: int = 60, rounds: int = 3
 ) -> dict[str, Any]:
@@ -778,6 +771,10 @@ def measure_throughput(
     median interval between steps, so a passing stall does not count; the configurations take turns
     over ``rounds`` rounds and each keeps its fastest round, so none is favoured by when it ran. The
     augmentation's share of a step is 1 - (step time without augmentation) / (step time with it).
+
+    That difference of two step times is noisy on a shared machine (it has read 0 % and 12 % in one run), so the
+    augmentation is also timed on its own (:func:`augmentation_ms`): its ``<precision>_augmentation_cost_share``
+    is that time over the augmented step's. tf.data runs it beside the step, so it slows the step by at most that.
     """
     import dataclasses
 
@@ -826,6 +823,11 @@ def measure_throughput(
     for precision in precisions:
         with_it, without = runs[f"{precision}_augmented"]["step_ms"], runs[f"{precision}_plain"]["step_ms"]
         figures[f"{precision}_augmentation_share"] = max(0.0, 1 - without / with_it)
+    figures["augmentation_ms"] = augmentation_ms(recipe, images)
+    for precision in precisions:
+        figures[f"{precision}_augmentation_cost_share"] = (
+            figures["augmentation_ms"] / runs[f"{precision}_augmented"]["step_ms"]
+        )
     if "bfloat16" in precisions:
         figures["bfloat16_speedup"] = runs["float32_augmented"]["step_ms"] / runs["bfloat16_augmented"]["step_ms"]
     figures["machine"] = describe_machine()
@@ -849,8 +851,7 @@ def verify_run(
     name: str,
     seed: int,
     *,
-    runs_dir: Path,
-    models_dir: Path,
+    files: ExperimentsLayout,
     scratch: Path,
     x_train_full: np.ndarray,
     y_train_full: np.ndarray,
@@ -867,11 +868,11 @@ def verify_run(
     (``validation_size``, ``train_subset``) is for runs recorded before they recorded their own. Returns a record
     of the check: which code and machine retrained it, whether every figure came out identical, and which differ.
 
-    With ``restore``, a run that reproduced exactly and whose model is not in ``models_dir`` (models are not
+    With ``restore``, a run that reproduced exactly and whose model is not in ``files.models`` (models are not
     committed) gets the retrained model there: the same network its figures describe, so its students can be
     trained, or it evaluated again, without retraining it. A model already there is never replaced.
     """
-    stored_path = run_path(runs_dir, Recipe(name=name), seed)
+    stored_path = files.run(name, seed)
     if not stored_path.is_file():
         raise FileNotFoundError(f"no stored run {stored_path}: name a recipe and seed that 06_experiments trained.")
     stored = read_json(stored_path)
@@ -885,9 +886,9 @@ def verify_run(
         raise ValueError(
             f"{stored_path} does not record its split: give the validation_size and train_subset it was trained with."
         )
-    scratch = Path(scratch)
+    retrained = ExperimentsLayout(scratch)
     if recipe.teacher:
-        teacher_model = model_path(models_dir, recipe.teacher, seed)
+        teacher_model = files.model(recipe.teacher, seed)
         if not teacher_model.is_file():
             raise FileNotFoundError(
                 f"{name} seed {seed} distils {recipe.teacher!r}, whose model {teacher_model} "
@@ -895,11 +896,11 @@ def verify_run(
             )
         import shutil
 
-        (scratch / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(teacher_model, scratch / "models" / teacher_model.name)
-        teacher_run = run_path(scratch / "runs", Recipe(name=recipe.teacher), seed)
+        retrained.models.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(teacher_model, retrained.model(recipe.teacher, seed))
+        teacher_run = retrained.run(recipe.teacher, seed)
         teacher_run.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run_path(runs_dir, Recipe(name=recipe.teacher), seed), teacher_run)
+        shutil.copy2(files.run(recipe.teacher, seed), teacher_run)
     started = time.perf_counter()
     again = run_one(
         recipe,
@@ -910,8 +911,7 @@ def verify_run(
         y_test=y_test,
         validation_size=split["validation_size"],
         train_subset=split["train_subset"],
-        runs_dir=scratch / "runs",
-        models_dir=scratch / "models",
+        files=retrained,
         verbose=verbose,
     )
     compared = {
@@ -929,19 +929,19 @@ def verify_run(
     identical = all(compared.values())
     restored = None
     if restore and identical:
-        stored_model = model_path(models_dir, name, seed)
+        stored_model = files.model(name, seed)
         if not stored_model.exists():
             import shutil
 
             with atomic_path(stored_model) as temporary:
-                shutil.copyfile(model_path(scratch / "models", name, seed), temporary)
+                shutil.copyfile(retrained.model(name, seed), temporary)
             restored = stored_model.name
     return {
         "recipe": name,
         "seed": seed,
         # The check holds for this run file only: a run retrained since is not vouched for.
         "run_sha256": stored_digest,
-        # Its file name in ``models_dir`` (None: nothing restored), as a teacher's model is named in a run.
+        # Its file name in ``files.models`` (None: nothing restored), as a teacher's model is named in a run.
         "restored_model": restored,
         "stored_training_code": stored.get("training_code"),
         "training_code": again["training_code"],

@@ -259,7 +259,7 @@ def _run_locked(params_dir, profile, out_dir, stages, echo, fresh, render_report
         for name in (previous or {}).get("outputs", {}):
             # Nothing of the previous result may pass as this run's, except the experiments' stored runs
             # (and their models and search), which 06_experiments reuses run by run.
-            if not name.startswith("experiments/"):
+            if not name.startswith(tuple(f"{kept}/" for kept in runs.OWNED_PATHS["06_experiments"])):
                 (layout.root / name).unlink(missing_ok=True)
         layout.stage_manifest(stage).unlink(missing_ok=True)
         before = runs.snapshot(layout.root)

@@ -506,10 +506,16 @@ def compute_block(summary: dict | None) -> str:
     if throughput:
         runs = throughput["runs"]
         share = throughput["float32_augmentation_share"]
+        # Timed on its own (probes from before 2026-12-02 did not): a steadier figure than the difference.
+        cost = throughput.get("float32_augmentation_cost_share")
+        augmentation = f"slows a step by {100 * share:.1f}% (step times with and without it)" + (
+            f"; on its own it costs {throughput['augmentation_ms']:.1f} ms per batch, {100 * cost:.1f}% of a step"
+            if cost is not None
+            else ""
+        )
         lines.append(
             f"- **Training speed here** ({throughput['recipe']}, {throughput['machine']}): "
-            f"{runs['float32_augmented']['gflops']:.0f} GFLOP/s in float32; the augmentation takes "
-            f"{100 * share:.1f}% of a step"
+            f"{runs['float32_augmented']['gflops']:.0f} GFLOP/s in float32; the augmentation {augmentation}"
             + (
                 f"; bfloat16 runs at {throughput['bfloat16_speedup']:.2f}x the float32 speed"
                 if "bfloat16_speedup" in throughput
@@ -527,7 +533,6 @@ def _runs_were(count: int) -> str:
 def experiments_code_note(layout: ArtifactLayout) -> str:
     """Which stored experiment runs an earlier training path, or earlier fine-tuning code, produced (kept while
     their recipe is unchanged)."""
-    from fmnist.experiments import verification_path
     from fmnist.quantisation import fine_tuning_code_version
     from fmnist.runs import file_digest
     from fmnist.training import training_code_version
@@ -537,10 +542,10 @@ def experiments_code_note(layout: ArtifactLayout) -> str:
     fine_tuned: dict[str, int] = {}
     reproduced: list[str] = []
     total = 0
-    for path in sorted(layout.experiment_runs.glob("*/seed*.json")):
+    for path in layout.experiments.all_runs():
         total += 1
         run = read_json(path)
-        check = verification_path(layout.experiment_verifications, path.parent.name, run.get("seed"))
+        check = layout.experiments.verification(path.parent.name, run.get("seed"))
         check = read_json(check) if check.is_file() else {}
         # fmnist verify-run retrained this very run file with this code and got every figure again.
         vouched = (

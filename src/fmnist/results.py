@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fmnist.config import ExperimentsLayout
 from fmnist.recipes import Recipe
 
 
@@ -45,8 +46,8 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
         achieved = [
             run["compute"]["achieved_gflops"] for run in runs if (run.get("compute") or {}).get("achieved_gflops")
         ]
-        int8 = latency.get(f"{name}_int8.tflite", {})
-        float32 = latency.get(f"{name}_float32.tflite", {})
+        int8 = latency.get(ExperimentsLayout.litert_name(name, "int8"), {})
+        float32 = latency.get(ExperimentsLayout.litert_name(name, "float32"), {})
         # A TTA recipe answers with every view: 2 calls, or 10 with its shifted views.
         shifts = recipe.get("tta_shifts", 0)
         key = ("shift_tta_p50_ms" if shifts else "tta_p50_ms") if recipe["tta"] else "p50_ms"

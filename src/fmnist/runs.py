@@ -35,28 +35,38 @@ from fmnist.io import read_json, write_json
 
 RUN_FILE = "run.json"
 RECORD_KEY = "run"
+# The layout's names relative to OUT: what the tables below are written in.
+_LAYOUT = ArtifactLayout("/")
+
+
+def _names(*paths: Path) -> tuple[str, ...]:
+    return tuple(path.relative_to(_LAYOUT.root).as_posix() for path in paths)
+
+
 # Working state that is neither an input nor an output: resumable caches, never compared or published as results.
-CACHE_PATHS = ("tuning/keras_tuner", "model/checkpoint", "experiments/keras_tuner", "experiments/checkpoints")
+CACHE_PATHS = _names(
+    _LAYOUT.tuner_dir, _LAYOUT.training_checkpoint, _LAYOUT.experiments.tuner_dir, _LAYOUT.experiments.checkpoints
+)
 # Files no stage writes, inside a stage's directory: `fmnist verify-run`'s checks (the report reads them).
-UNOWNED_PATHS = ("experiments/verified",)
+UNOWNED_PATHS = _names(_LAYOUT.experiments.verifications)
 # What each stage owns outright (every file below is its output), besides its figures and executed notebook.
 OWNED_PATHS = {
-    "01_eda": ("eda",),
-    "02_tune": ("tuning",),
-    "03_train": ("model",),
-    "04_evaluate": ("metrics.json",),
-    "05_deploy": ("deploy",),
-    "06_experiments": ("experiments",),
-    REPORT_NOTEBOOK: ("report.html",),
+    "01_eda": _names(_LAYOUT.eda),
+    "02_tune": _names(_LAYOUT.tuning),
+    "03_train": _names(_LAYOUT.model_dir),
+    "04_evaluate": _names(_LAYOUT.metrics),
+    "05_deploy": _names(_LAYOUT.deploy),
+    "06_experiments": _names(_LAYOUT.experiments.root),
+    REPORT_NOTEBOOK: _names(_LAYOUT.report),
 }
 # The files of earlier stages each stage reads (the data is pinned by checksums in fmnist.data's code).
 STAGE_INPUTS = {
     "01_eda": (),
     "02_tune": (),
-    "03_train": ("tuning/best_hyperparameters.json",),
-    "04_evaluate": ("model/model.keras", "model/training.json"),
-    "05_deploy": ("model/model.keras", "model/training.json"),
-    "06_experiments": ("tuning/best_hyperparameters.json",),
+    "03_train": _names(_LAYOUT.best_hyperparameters),
+    "04_evaluate": _names(_LAYOUT.model, _LAYOUT.training_summary),
+    "05_deploy": _names(_LAYOUT.model, _LAYOUT.training_summary),
+    "06_experiments": _names(_LAYOUT.best_hyperparameters),
 }
 
 
@@ -167,7 +177,9 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
         if other != REPORT_NOTEBOOK and record:
             names += list(record["outputs"])
     # And fmnist verify-run's checks of stored experiment runs, which no stage writes.
-    names += [path.relative_to(layout.root).as_posix() for path in layout.experiment_verifications.glob("*/seed*.json")]
+    names += [
+        path.relative_to(layout.root).as_posix() for path in layout.experiments.verifications.glob("*/seed*.json")
+    ]
     return sorted(set(names))
 
 
@@ -467,6 +479,6 @@ def progress_note(layout: ArtifactLayout, stage: str) -> str | None:
         if state.is_file():
             return f"{read_json(state)['epochs_done']} epoch(s) done in its checkpoint"
     if stage == "06_experiments":
-        runs = list(layout.experiment_runs.glob("*/seed*.json"))
+        runs = layout.experiments.all_runs()
         return f"{len(runs)} stored run(s) kept where their recipe is unchanged" if runs else None
     return None

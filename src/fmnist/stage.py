@@ -49,7 +49,7 @@ class StageRun:
         """Add facts (data checksums, chosen hyperparameters, ...) to this stage's manifest."""
         self.records.update(values)
 
-    def external_input(self, path: str) -> Path | None:
+    def external_input(self, path: str | Path) -> Path | None:
         """A file outside this run that the stage reads (relative paths from the project root).
 
         Its digest goes into the stage's manifest (under its name relative to the
@@ -59,11 +59,11 @@ class StageRun:
         from fmnist.config import PROJECT_ROOT
         from fmnist.runs import file_digest, project_relative
 
-        resolved = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
-        digest = file_digest(resolved) if resolved.is_file() else None
+        path = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+        digest = file_digest(path) if path.is_file() else None
         # Named as given (a symbolic link as itself), so repointing the link makes the stage rerun.
-        self.records.setdefault("external_inputs", {})[project_relative(resolved, follow_links=False)] = digest
-        return resolved if digest else None
+        self.records.setdefault("external_inputs", {})[project_relative(path, follow_links=False)] = digest
+        return path if digest else None
 
     def save_figure(self, figure, name: str) -> None:
         """Store a figure as ``figures/<name>.png`` for the report; the notebook shows it inline."""
