@@ -7,6 +7,9 @@ OUT ?= reports
 BIN := $(VENV)/bin
 # make tensorboard: its port, and the log directory (default: OUT's run in progress if there is one, else OUT's).
 TB_PORT ?= 6006
+# make test: pytest-xdist worker processes (0: none, all in this process). The notebooks run in order in one of them
+# (tests/conftest.py's scheduler), each test file in one.
+TEST_WORKERS ?= 2
 TB_LOGDIR ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
@@ -51,9 +54,8 @@ lint: setup
 	$(BIN)/ruff check src tests notebooks
 	$(BIN)/ruff format --check src tests notebooks
 
-test: setup data lint  ## Unit tests, the end-to-end smoke run, and nbval over the notebooks.
-	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks
+test: setup data lint  ## Unit tests, the end-to-end smoke run, and nbval over the notebooks, on TEST_WORKERS processes.
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder tests notebooks --nbval-lax --nbval-current-env
 
 serve: setup  ## Serve the classifier page and API on http://127.0.0.1:8000/ (the shipped model).
 	$(BIN)/fmnist serve

@@ -98,3 +98,30 @@ class TensorBoardLog:
 @pytest.fixture
 def tensorboard_log():
     return TensorBoardLog
+
+
+# `make test` runs the tests and nbval over the notebooks in pytest-xdist workers (-n 2), each work unit on one
+# worker, in order. The notebooks are one unit: they pass files through build/interactive (04_evaluate reads the
+# model 03_train wrote), so they run as a chain. Every test file is a unit of its own, so test_pipeline.py's session
+# fixture, the smoke chain, runs once.
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndTheNotebooksAsOne(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "notebooks" if path.endswith(".ipynb") else path
+
+    return FilesAndTheNotebooksAsOne(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    # The longest units first (with --no-loadscope-reorder, the workers take them in this order), so that neither
+    # worker is left running one alone at the end: the smoke chain's tests, the smoke experiments, the notebooks.
+    longest = ("test_pipeline.py", "test_experiments_stage.py", ".ipynb")
+
+    def rank(item) -> int:
+        return next((place for place, end in enumerate(longest) if item.path.name.endswith(end)), len(longest))
+
+    items.sort(key=rank)

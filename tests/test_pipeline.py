@@ -22,22 +22,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fmnist import pipeline, results, runs
+from fmnist import pipeline, runs
 from fmnist.cli import main
 from fmnist.config import CLASS_NAMES, PARAMS_DIR, ArtifactLayout
 from fmnist.pipeline import StageFailed, run_chain
 
+from library_noise import LIBRARY_NOISE, noisy_outputs
+
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "page-screenshots"
 
 pytestmark = pytest.mark.slow
-
-
-# What TensorFlow, LiteRT and the converter write on their own: none of it belongs on a reader's screen.
-LIBRARY_NOISE = re.compile(
-    r"absl::InitializeLog|^[IWE]\d{4} |cuInit|NodeDef mentions|Created TensorFlow Lite|Assets written to|"
-    r"Saved artifact at|UserWarning|fully_quantize|Input Notebook|Kernel is running over TCP|Captures:|Reloading Tuner",
-    re.MULTILINE,
-)
 
 
 @pytest.fixture(scope="session")
@@ -71,17 +65,6 @@ def test_a_smoke_run_prints_progress_not_library_noise(smoke_run):
     assert re.search(r"^  Epoch \d+/3$", printed, re.MULTILINE), printed
     # Nothing is lost: the libraries' own messages are in the stage logs.
     assert LIBRARY_NOISE.search((layout.root / "logs" / "03_train.log").read_text())
-
-
-def noisy_outputs(notebook: Path) -> list[str]:
-    """The printed outputs (stdout or stderr) of an executed notebook that carry library noise."""
-    found = []
-    for index, cell in enumerate(json.loads(notebook.read_text())["cells"]):
-        for output in cell.get("outputs", []):
-            text = "".join(output.get("text", ""))
-            if output.get("output_type") == "stream" and LIBRARY_NOISE.search(text):
-                found.append(f"{notebook.name} cell {index}: {text[:160]!r}")
-    return found
 
 
 def test_executed_notebooks_carry_no_library_noise(smoke_run):
@@ -296,7 +279,6 @@ def _finished_trials(work: Path) -> int:
 def test_kill_9_mid_trial_and_mid_epoch_leaves_out_untouched_and_resumes_to_the_same_model(smoke_run, tmp_path):
     """kill -9 during 02_tune (after one trial) and during 03_train (after one epoch); the resumed run
     ends with exactly the uninterrupted run's trials and model, and out/ never changes until then."""
-    import numpy as np
 
     from fmnist import data, training
 
@@ -360,82 +342,6 @@ def test_cli_rejects_a_mistyped_key_before_any_compute(tmp_path, capsys):
     assert main(["run", "--params", str(profile), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     assert "unknown parameter 'tunning_epochs'. Did you mean 'tuning_epochs'?" in capsys.readouterr().err
     assert not (tmp_path / "out" / "notebooks").exists()
-
-
-def test_experiments_stage_trains_every_recipe_and_seed_and_writes_the_tables(tmp_path):
-    """The smoke experiments (two tiny recipes x two seeds, one ablation), then the files a report reads."""
-    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), echo="none")
-    layout = ArtifactLayout(tmp_path)
-    summary = json.loads(layout.experiments_summary.read_text())
-    rows = {row["recipe"]: row for row in summary["recipes"]}
-    assert set(rows) == {"seed_tuned", "bn_cnn", "bn_cnn_student", "bn_cnn_final", "bn_cnn_student_final"}
-    assert all(row["seeds"] == 2 for row in rows.values())
-    # The final fits trained on the training and validation images together, so they have no validation figures;
-    # the student's learnt from the final fit of its teacher.
-    final_student = json.loads((layout.experiment_runs / "bn_cnn_student_final" / "seed7.json").read_text())
-    assert final_student["validation"] is None and final_student["validation_tta"] is None
-    assert final_student["split"]["final_fit"] and final_student["teacher"]["recipe"] == "bn_cnn_final"
-    assert final_student["quantisation_aware"]["validation_before"] is None
-    assert rows["bn_cnn_final"]["validation_accuracy_mean"] is None and rows["bn_cnn"]["validation_accuracy_mean"]
-    # The student learnt from bn_cnn's model of its own seed.
-    student = json.loads((layout.experiment_runs / "bn_cnn_student" / "seed7.json").read_text())
-    assert {key: student["teacher"][key] for key in ("recipe", "model", "seed")} == {
-        "recipe": "bn_cnn",
-        "model": "bn_cnn_seed7.keras",
-        "seed": 7,
-    }
-    assert student["teacher"]["tflops"] > 0 and len(student["teacher"]["run_sha256"]) == 64
-    assert rows["bn_cnn_student"]["teacher"] == "bn_cnn"
-    # Then one quantisation-aware epoch, counted twice in its compute, and the model it left is what was measured.
-    from fmnist import quantisation, training
-
-    fine_tuning = student["quantisation_aware"]
-    assert fine_tuning["epochs"] == 1 and len(fine_tuning["history"]["consistency"]) == 1
-    assert fine_tuning["code"] == quantisation.fine_tuning_code_version()
-    assert fine_tuning["flops"] == 2 * 6 * student["multiply_adds"] * student["train_images"]
-    assert student["validation"]["accuracy"] == student["validation_tta"]["accuracy_without"]
-    assert results.training_seconds(student) > student["train_seconds"]
-
-    saved = training.load_model(layout.experiment_models / "bn_cnn_student_seed7.keras")
-    for name in quantisation.quantised_layers(saved):  # Saved as fine-tuned: its int8 weights on their grid.
-        kernel = np.asarray(saved.get_layer(name).kernel)
-        np.testing.assert_array_equal(quantisation.round_per_channel(kernel), kernel)
-    assert results.training_tflops(student) == pytest.approx(
-        student["compute"]["flops"] / 1e12 + fine_tuning["tflops"] + student["teacher"]["tflops"]
-    )
-    # Every run records its compute and the machine; the throughput probe timed float32 (and bf16 where native).
-    assert all(row["training_tflops_mean"] > 0 and row["achieved_gflops_mean"] > 0 for row in rows.values())
-    throughput = summary["throughput"]
-    assert throughput["runs"]["float32_augmented"]["step_ms"] > 0 and 0 <= throughput["float32_augmentation_share"] < 1
-    # One epoch on 1,000 images: above chance, and two seeds give two different results.
-    assert rows["seed_tuned"]["test_accuracy_mean"] > 0.3
-    assert rows["seed_tuned"]["test_accuracy_std"] > 0
-    assert rows["seed_tuned"]["parameters"] == 206_026
-    assert 0 < rows["bn_cnn"]["litert_int8_p50_ms"] < 50 and rows["bn_cnn"]["litert_int8_kb"] > 1
-    assert [row["change"] for row in summary["ablation"]][:2] == ["none (the full recipe)", "TTA removed"]
-    assert summary["comparison"][0]["test_accuracy"] == 0.90
-    assert set(summary["calibration"]) == {"seed_tuned", "bn_cnn"}
-    assert len(list(layout.experiment_runs.glob("*/seed*.json"))) == 11
-    # Every training logged its epochs for TensorBoard, in a directory of its own; so did the search's trials.
-    logs = layout.tensorboard_dir / "06_experiments"
-    runs = sorted(f"{path.parent.name}_{path.stem}" for path in layout.experiment_runs.glob("*/seed*.json"))
-    assert sorted(path.name for path in logs.iterdir() if path.name != "search") == runs
-    assert all(any((logs / run / "validation").iterdir()) for run in runs if "_final_" not in run)
-    assert not any((logs / run / "validation").exists() for run in runs if "_final_" in run)
-    search = json.loads((layout.experiments / "search.json").read_text())
-    assert len(list((logs / "search").glob("*/execution0/validation"))) == search["trials"] > 0
-    for figure in (
-        "experiments_accuracy_latency",
-        "experiments_accuracy_compute",
-        "experiments_ablation",
-        "experiments_reliability",
-    ):
-        assert layout.figure(figure).is_file()
-    assert not noisy_outputs(layout.executed_notebooks / "06_experiments.ipynb")
-    # A rerun trains nothing: every run is on disk with the same recipe.
-    before = {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
-    run_chain(PARAMS_DIR / "smoke", tmp_path, stages=("06_experiments",), echo="none")
-    assert before == {path: path.stat().st_mtime for path in layout.experiment_runs.glob("*/seed*.json")}
 
 
 def test_the_report_refuses_artifacts_of_different_runs(smoke_run, tmp_path, capsys):

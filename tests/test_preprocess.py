@@ -482,8 +482,9 @@ def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding()
     data = buffer.getvalue()
     last_scan = data[data.rindex(b"\xff\xda") : -2]
     bomb = data[:-2] + last_scan * 1500 + data[-2:]
-    started = time.perf_counter()
+    # This process's CPU time, not the wall clock: another test process may share the CPU (make test runs two).
+    started = time.process_time()
     with pytest.raises(ImageError, match="1,5.. scans"):
         prepare_image(bomb)
-    assert time.perf_counter() - started < 0.5
+    assert time.process_time() - started < 0.5
     assert prepare_image(data).shape == (28, 28)  # The same image with its own ten scans is fine.
