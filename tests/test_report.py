@@ -258,4 +258,4 @@ def test_the_compute_block_gives_the_augmentations_cost_timed_on_its_own_when_th
     assert "slows a step by 12.0% (step times with and without it)" in older and "on its own" not in older
     throughput.update(augmentation_ms=2.0, float32_augmentation_cost_share=0.04)
     text = report.compute_block(summary)
-    assert "on its own it costs 2.0 ms per batch, 4.0% of a step" in text and "1.20x the float32 speed" in text
+    assert "on its own it costs 2.0 ms per batch, 4.0% of a float32 step" in text and "1.20x the float32 speed" in text

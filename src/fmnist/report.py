@@ -509,7 +509,8 @@ def compute_block(summary: dict | None) -> str:
         # Timed on its own (probes from before 2026-12-02 did not): a steadier figure than the difference.
         cost = throughput.get("float32_augmentation_cost_share")
         augmentation = f"slows a step by {100 * share:.1f}% (step times with and without it)" + (
-            f"; on its own it costs {throughput['augmentation_ms']:.1f} ms per batch, {100 * cost:.1f}% of a step"
+            f"; on its own it costs {throughput['augmentation_ms']:.1f} ms per batch, "
+            f"{100 * cost:.1f}% of a float32 step"
             if cost is not None
             else ""
         )
