@@ -285,3 +285,7 @@ class ExperimentsLayout:
 
     def verification(self, recipe_name: str, seed: int) -> Path:
         return self.verifications / recipe_name / f"seed{seed}.json"
+
+    def all_verifications(self) -> list[Path]:
+        """Every stored check of ``fmnist verify-run`` (see :meth:`verification`)."""
+        return sorted(self.verifications.glob("*/seed*.json"))

@@ -70,6 +70,13 @@ class Recipe:
     quantisation_aware_epochs: int = 0
     quantisation_aware_learning_rate: float = 1e-4
     consistency_weight: float = 1000.0
+    # Hard-image selection (fmnist.training.epoch_plan): after hard_plain_epochs epochs over every image, each epoch
+    # trains on the hard_share of images with the highest loss when last trained on, plus hard_rest_share of the
+    # others drawn at random; the images seen stay epochs x the training images, spread over more, shorter epochs.
+    # 0 (the default): every epoch sees every image.
+    hard_share: float = 0.0
+    hard_rest_share: float = 0.2
+    hard_plain_epochs: int = 3
     # The final fit (06_experiments): this other recipe's network, trained on the training and validation splits
     # together (all 60,000 training images). That recipe's runs were judged on their validation split; nothing is
     # chosen on this one, so it records no validation figures, and the shipping rule reads that recipe's.
@@ -133,6 +140,15 @@ class Recipe:
         if self.architecture == "seed" and any(getattr(self, k) != v for k, v in network_defaults.items()):
             problems.append(
                 "width, stages, batch_norm, head and separable_stages belong to bn_cnn; the seed architecture is fixed"
+            )
+        if not 0.0 <= self.hard_share < 1.0:
+            problems.append(f"hard_share={self.hard_share} must be in [0, 1) (0: every epoch sees every image)")
+        if not 0.0 <= self.hard_rest_share <= 1.0:
+            problems.append(f"hard_rest_share={self.hard_rest_share} must be in [0, 1]")
+        if self.hard_share and not 1 <= self.hard_plain_epochs < self.epochs:
+            problems.append(
+                f"hard_plain_epochs={self.hard_plain_epochs} must be at least 1 (the images' losses are known only "
+                f"once each was trained on) and below epochs={self.epochs} (the budget, in passes over the images)"
             )
         if self.quantisation_aware_epochs < 0:
             problems.append(f"quantisation_aware_epochs={self.quantisation_aware_epochs} must not be negative")

@@ -177,9 +177,7 @@ def stage_inputs(root: Path, stage: str) -> list[str]:
         if other != REPORT_NOTEBOOK and record:
             names += list(record["outputs"])
     # And fmnist verify-run's checks of stored experiment runs, which no stage writes.
-    names += [
-        path.relative_to(layout.root).as_posix() for path in layout.experiments.verifications.glob("*/seed*.json")
-    ]
+    names += [path.relative_to(layout.root).as_posix() for path in layout.experiments.all_verifications()]
     return sorted(set(names))
 
 

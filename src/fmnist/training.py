@@ -183,6 +183,80 @@ def epoch_orders(images: int, epochs: int, seed: int) -> np.ndarray:
     return np.stack([np.random.default_rng([seed, epoch]).permutation(images) for epoch in range(epochs)])
 
 
+def epoch_plan(recipe: Recipe, train_images: int) -> list[int]:
+    """How many training images each epoch of the recipe trains on.
+
+    Every image in every epoch, unless the recipe selects hard images
+    (``hard_share`` > 0): then ``hard_plain_epochs`` epochs see every image, and
+    each later epoch sees the ``hard_share`` of images with the highest loss when
+    last trained on plus ``hard_rest_share`` of the others (:func:`hard_selection`).
+    Those shorter epochs fill the same budget of images seen, ``epochs`` x
+    ``train_images``, without passing it.
+    """
+    if not recipe.hard_share:
+        return [train_images] * recipe.epochs
+    per_epoch = selected_images(recipe, train_images)
+    budget = (recipe.epochs - recipe.hard_plain_epochs) * train_images
+    return [train_images] * recipe.hard_plain_epochs + [per_epoch] * (budget // per_epoch)
+
+
+def selected_images(recipe: Recipe, train_images: int) -> int:
+    """The images of one hard-image epoch: the hardest ``hard_share``, and ``hard_rest_share`` of the rest."""
+    return int(round(train_images * (recipe.hard_share + recipe.hard_rest_share * (1 - recipe.hard_share))))
+
+
+def hard_selection(losses: np.ndarray, recipe: Recipe, seed: int, epoch: int) -> np.ndarray:
+    """The images one hard-image epoch trains on, in the order it visits them.
+
+    ``losses`` holds each training image's loss when it was last trained on.
+    The ``hard_share`` with the highest ones are kept, the others are drawn from
+    the rest at random, and the whole is shuffled; the random draws come from
+    (seed, epoch), so the same losses always give the same epoch (a resumed
+    training restores them from its checkpoint).
+    """
+    images = len(losses)
+    kept = int(round(recipe.hard_share * images))
+    by_loss = np.argsort(-np.asarray(losses), kind="stable")
+    random = np.random.default_rng([seed, epoch, 1])
+    others = random.choice(by_loss[kept:], selected_images(recipe, images) - kept, replace=False)
+    return random.permutation(np.concatenate([by_loss[:kept], others]))
+
+
+def batches(
+    images: tf.Tensor,
+    targets: tf.Tensor,
+    orders: np.ndarray,
+    recipe: Recipe,
+    seed: int,
+    first_step: int,
+    with_index: bool = False,
+) -> tf.data.Dataset:
+    """The batches of epochs whose orders of visiting the images are the rows of ``orders``.
+
+    The first batch is global step ``first_step``; each batch's augmentation is
+    drawn from (seed, global step). With ``with_index``, a batch also gives the
+    images' positions in ``images`` (the hard-image training records their losses).
+    """
+    orders = np.atleast_2d(orders)
+    batch_size, per_epoch = recipe.batch_size, orders.shape[1]
+    steps = steps_per_epoch(per_epoch, batch_size)
+    order_table = tf.constant(orders, dtype=tf.int32)
+
+    def batch(step):
+        epoch, position = (step - first_step) // steps, (step - first_step) % steps
+        start = tf.cast(position * batch_size, tf.int32)
+        chosen = order_table[tf.cast(epoch, tf.int32), start : tf.minimum(start + batch_size, per_epoch)]
+        batch_images = tf.gather(images, chosen)
+        if recipe.augments:
+            batch_images = augment_batch(batch_images, recipe, tf.stack([tf.cast(seed, tf.int64), step]))
+        if with_index:
+            return batch_images, tf.gather(targets, chosen), chosen
+        return batch_images, tf.gather(targets, chosen)
+
+    dataset = tf.data.Dataset.range(first_step, first_step + len(orders) * steps)
+    return dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
 def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, first_epoch: int = 0) -> tf.data.Dataset:
     """Shuffled, batched, augmented (if the recipe says so) one-hot training data for epochs ``first_epoch`` on.
 
@@ -190,43 +264,37 @@ def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, fi
     a permutation drawn from (seed, epoch), and each batch's augmentation from
     (seed, global step). A training resumed at epoch k therefore sees the same
     batches as one that never stopped. Pass ``steps_per_epoch`` to ``fit``.
+    (A hard-image recipe's later epochs are built one at a time, in ``fit``.)
     """
     if not 0 <= first_epoch < recipe.epochs:
         raise ValueError(f"first_epoch={first_epoch}: must be in [0, {recipe.epochs}).")
-    steps = steps_per_epoch(len(y), recipe.batch_size)
-    orders = tf.constant(epoch_orders(len(y), recipe.epochs, seed), dtype=tf.int32)
+    orders = epoch_orders(len(y), recipe.epochs, seed)[first_epoch:]
     images, targets = tf.constant(x), tf.constant(training_targets(y))
-    batch_size, total = recipe.batch_size, len(y)
-
-    def batch(step):
-        epoch, position = step // steps, step % steps
-        start = tf.cast(position * batch_size, tf.int32)
-        chosen = orders[tf.cast(epoch, tf.int32), start : tf.minimum(start + batch_size, total)]
-        batch_images = tf.gather(images, chosen)
-        if recipe.augments:
-            batch_images = augment_batch(batch_images, recipe, tf.stack([tf.cast(seed, tf.int64), step]))
-        return batch_images, tf.gather(targets, chosen)
-
-    dataset = tf.data.Dataset.range(first_epoch * steps, recipe.epochs * steps)
-    return dataset.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return batches(images, targets, orders, recipe, seed, first_epoch * steps_per_epoch(len(y), recipe.batch_size))
 
 
 def learning_rate_schedule(
-    recipe: Recipe, steps_per_epoch: int
+    recipe: Recipe, steps_per_epoch: int, total_steps: int | None = None
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The recipe's learning rate per step: constant, or a cosine decay to 0 (after a linear warm-up from 0)."""
+    """The recipe's learning rate per step: constant, or a cosine decay to 0 (after a linear warm-up from 0).
+
+    ``steps_per_epoch`` is a full epoch's (the warm-up lasts ``warmup_epochs`` of
+    them); the decay ends after ``total_steps`` (by default ``epochs`` full epochs;
+    a hard-image recipe's epochs are shorter, see :func:`plan_steps`).
+    """
     if recipe.schedule != "cosine":
         return recipe.learning_rate
     warmup = recipe.warmup_epochs * steps_per_epoch
+    total_steps = recipe.epochs * steps_per_epoch if total_steps is None else total_steps
     return keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else recipe.learning_rate,
-        (recipe.epochs - recipe.warmup_epochs) * steps_per_epoch,
+        total_steps - warmup,
         warmup_target=recipe.learning_rate if warmup else None,
         warmup_steps=warmup,
     )
 
 
-def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
+def compiled_network(recipe: Recipe, steps_per_epoch: int, total_steps: int | None = None) -> keras.Model:
     """The recipe's network with its optimizer, learning-rate schedule, loss and precision."""
     precision = resolve_precision(recipe.precision)
     # Layers take the global policy when they are built; the softmax layer always computes in float32.
@@ -235,7 +303,7 @@ def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
         model = build_network(recipe.architecture, dropout_rate=recipe.dropout_rate, **recipe.network_options())
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    learning_rate = learning_rate_schedule(recipe, steps_per_epoch)
+    learning_rate = learning_rate_schedule(recipe, steps_per_epoch, total_steps)
     weight_decay = recipe.weight_decay or None
     if recipe.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
@@ -249,10 +317,79 @@ def compiled_network(recipe: Recipe, steps_per_epoch: int) -> keras.Model:
     return model
 
 
+def plan_steps(recipe: Recipe, train_images: int) -> list[int]:
+    """The batches of each epoch of :func:`epoch_plan`."""
+    return [steps_per_epoch(images, recipe.batch_size) for images in epoch_plan(recipe, train_images)]
+
+
+class HardImageModel(keras.Model):
+    """A network that records each training image's loss as its training step computes it.
+
+    Hard-image selection (:func:`hard_selection`) reads ``last_loss``, so choosing
+    costs no computation. The batches give each image's index as a third element
+    (:func:`batches` with ``with_index``). ``last_loss`` is one of the model's
+    variables, so an epoch checkpoint keeps it and a resumed training selects the
+    same images. What is saved and evaluated is ``network``.
+    """
+
+    def __init__(self, network: keras.Model, train_images: int, label_smoothing: float = 0.0):
+        super().__init__(name=f"{network.name}_hard_images")
+        self.network = network
+        self.label_smoothing = label_smoothing
+        # Images not trained on yet count as the hardest.
+        self.last_loss = self.add_weight(
+            shape=(train_images,), initializer=keras.initializers.Constant(1e9), trainable=False, name="last_loss"
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+
+    def call(self, images, training=False):
+        return self.network(images, training=training)
+
+    def _per_image_loss(self, targets, predicted):
+        return keras.losses.categorical_crossentropy(targets, predicted, label_smoothing=self.label_smoothing)
+
+    def train_step(self, data):
+        images, targets, index = data
+        with tf.GradientTape() as tape:
+            predicted = self.network(images, training=True)
+            per_image = tf.cast(self._per_image_loss(targets, predicted), tf.float32)
+            loss = tf.reduce_mean(per_image)
+            if self.network.losses:
+                loss += tf.add_n(self.network.losses)
+        variables = self.network.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self.last_loss.assign(tf.tensor_scatter_nd_update(self.last_loss, index[:, tf.newaxis], per_image))
+        return self._update(loss, targets, predicted)
+
+    def test_step(self, data):
+        images, targets = data[0], data[1]
+        predicted = self.network(images, training=False)
+        return self._update(tf.reduce_mean(self._per_image_loss(targets, predicted)), targets, predicted)
+
+    def _update(self, loss, targets, predicted):
+        self.loss_tracker.update_state(loss)
+        self.accuracy.update_state(targets, predicted)
+        return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy]
+
+
 def build(recipe: Recipe, train_images: int, seed: int) -> keras.Model:
-    """Seed every random source, then build and compile the recipe's network (the weights depend on ``seed``)."""
+    """Seed every random source, then build and compile the recipe's network (the weights depend on ``seed``).
+
+    A hard-image recipe's network comes wrapped in a :class:`HardImageModel` that shares its optimizer.
+    """
     set_seed(seed)
-    return compiled_network(recipe, steps_per_epoch(train_images, recipe.batch_size))
+    steps = plan_steps(recipe, train_images)
+    network = compiled_network(recipe, steps[0], sum(steps))
+    if not recipe.hard_share:
+        return network
+    model = HardImageModel(network, train_images, recipe.label_smoothing)
+    model.compile(optimizer=network.optimizer)
+    return model
 
 
 @dataclass
@@ -263,6 +400,10 @@ class Fitted:
     train_seconds: float
     resumed_at: int = 0  # Epochs that were already done in a checkpoint when this fit started.
     precision: str = "float32"  # What the training computed in ("bfloat16": mixed, float32 weights).
+    images_per_epoch: list[int] = dataclasses.field(default_factory=list)  # The images each epoch trained on.
+    # A hard-image training: how many of each class are among its hard_share of images with the highest loss at the
+    # end (None for other trainings).
+    hardest_per_class: list[int] | None = None
 
     @property
     def epochs_run(self) -> int:
@@ -281,10 +422,17 @@ class Fitted:
             "train_images": int(train_images),
             "train_seconds": round(self.train_seconds, 1),
             "precision": self.precision,
-            "compute": training_compute(cost, train_images, self.history),
+            "compute": training_compute(cost, sum(self.images_per_epoch), self.history),
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "resumed_at_epoch": self.resumed_at,
+            "hard_images": None
+            if self.hardest_per_class is None
+            else {
+                "selected_epochs": self.epochs_run - recipe.hard_plain_epochs,
+                "images_per_selected_epoch": self.images_per_epoch[-1],
+                "hardest_per_class": self.hardest_per_class,
+            },
             # None for a final fit (``Recipe.final_fit_of``): it trained on the validation split too.
             "validation": (
                 {"accuracy": self.best("val_accuracy"), "loss": self.best("val_loss")}
@@ -384,7 +532,7 @@ def _say(message: str) -> None:
     print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
-def training_compute(multiply_adds: int, train_images: int, history: dict[str, list[float]]) -> dict[str, Any]:
+def training_compute(multiply_adds: int, images_seen: int, history: dict[str, list[float]]) -> dict[str, Any]:
     """A training's compute, comparable across machines, and how fast this machine delivered it.
 
     ``flops`` counts 6 floating-point operations per multiply-add per training
@@ -395,9 +543,8 @@ def training_compute(multiply_adds: int, train_images: int, history: dict[str, l
     """
     from fmnist.bench import matmul_gflops
 
-    epochs = len(history.get("loss", []))
     seconds = float(sum(history.get("epoch_seconds", [])))
-    flops = 6 * int(multiply_adds) * int(train_images) * epochs
+    flops = 6 * int(multiply_adds) * int(images_seen)
     achieved = flops / seconds / 1e9 if seconds > 0 else None
     try:
         peak = matmul_gflops(threads=0)
@@ -407,7 +554,7 @@ def training_compute(multiply_adds: int, train_images: int, history: dict[str, l
     return {
         "flops": flops,
         "tflops": round(flops / 1e12, 3),
-        "images_seen": int(train_images) * epochs,
+        "images_seen": int(images_seen),
         "achieved_gflops": None if achieved is None else round(achieved, 1),
         # A float32 figure: a bfloat16 training can pass it (its ratio above 1 says so).
         "peak_gflops": None if peak is None else round(peak, 1),
@@ -439,8 +586,19 @@ def fit(
     recipe, data and seed continues from the last complete epoch with the same
     result an uninterrupted fit would have had. ``epochs`` and
     ``initial_epoch`` let keras-tuner's Hyperband train a trial in rounds.
+
+    A hard-image recipe (``hard_share`` > 0) trains the epochs of
+    :func:`epoch_plan`, more and shorter than ``epochs``, choosing each one's
+    images from the losses of the epochs before (:func:`fit_hard_images`).
     """
-    epochs = recipe.epochs if epochs is None else epochs
+    if recipe.hard_share and epochs is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r}: hard-image selection (hard_share={recipe.hard_share}) plans its own epochs "
+            "from the recipe's budget, so it cannot train in rounds of given epochs (keras-tuner's Hyperband); "
+            "tune a recipe with hard_share: 0."
+        )
+    plan = epoch_plan(recipe, len(y_train))
+    epochs = len(plan) if epochs is None else epochs
     if x_val is None and recipe.patience:
         raise ValueError(
             f"recipe {recipe.name!r}: patience={recipe.patience} stops early on validation data, and none was "
@@ -448,6 +606,11 @@ def fit(
         )
     if model is None:
         model = build(recipe, len(y_train), seed)
+    if bool(recipe.hard_share) != isinstance(model, HardImageModel):
+        raise ValueError(
+            f"recipe {recipe.name!r}: the model must come from training.build for this recipe "
+            "(a hard-image recipe trains a HardImageModel, any other recipe the plain network)."
+        )
     stopping = None
     callback_list: list[keras.callbacks.Callback] = [EpochTimer(), *callbacks]
     if recipe.patience:
@@ -479,6 +642,20 @@ def fit(
             stopping.set_model(model)
             stopping.on_train_end()
         values = checkpoint.history
+    elif recipe.hard_share:
+        history = fit_hard_images(
+            model,
+            recipe,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            seed=seed,
+            initial_epoch=initial_epoch,
+            callbacks=callback_list,
+            verbose=verbose,
+        )
+        values = checkpoint.history if checkpoint is not None else history
     else:
         training = training_dataset(x_train, y_train, dataclasses.replace(recipe, epochs=epochs), seed, initial_epoch)
         history = model.fit(
@@ -502,11 +679,80 @@ def fit(
     epochs_run = len(values["loss"])
     best_epoch = int(np.argmin(values["val_loss"])) + 1 if recipe.patience else epochs_run
     resumed_at = checkpoint.restored["epochs_done"] if checkpoint is not None and checkpoint.restored else 0
+    hardest_per_class = None
+    if isinstance(model, HardImageModel):
+        hardest_per_class = hardest_images_per_class(model, y_train, recipe)
+        model = model.network
     precision = resolve_precision(recipe.precision)
     if precision != "float32":
         # What is evaluated, saved and exported is the float32 network: bf16 only speeds up the training.
         model = float32_copy(model)
-    return Fitted(model, values, best_epoch, seconds, resumed_at, precision)
+    images = plan[:epochs_run] if recipe.hard_share else [len(y_train)] * epochs_run
+    return Fitted(model, values, best_epoch, seconds, resumed_at, precision, images, hardest_per_class)
+
+
+def fit_hard_images(
+    model: HardImageModel,
+    recipe: Recipe,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    *,
+    seed: int,
+    initial_epoch: int,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int,
+) -> dict[str, list[float]]:
+    """Train a hard-image recipe's epochs from ``initial_epoch`` on; returns the history of those epochs.
+
+    Each epoch's images depend on the losses the epochs before recorded, so each
+    epoch gets its own input pipeline and ``model.fit`` call, while the callbacks
+    see one training of all the epochs (one ``on_train_begin``, an
+    ``on_epoch_end`` per epoch with its logs, one ``on_train_end``).
+    """
+    plan, steps = epoch_plan(recipe, len(y_train)), plan_steps(recipe, len(y_train))
+    images, targets = tf.constant(x_train), tf.constant(training_targets(y_train))
+    validation = None if x_val is None else (x_val, one_hot(y_val))
+    plain_orders = epoch_orders(len(y_train), recipe.hard_plain_epochs, seed)
+    # Keras' History records the logs as the callbacks left them (with EpochTimer's epoch_seconds).
+    recorder = keras.callbacks.History()
+    callback_list = keras.callbacks.CallbackList([*callbacks, recorder], model=model, epochs=len(plan), verbose=0)
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, len(plan)):
+        if epoch < recipe.hard_plain_epochs:
+            order = plain_orders[epoch]
+        else:
+            order = hard_selection(np.asarray(model.last_loss), recipe, seed, epoch)
+        dataset = batches(images, targets, order, recipe, seed, sum(steps[:epoch]), with_index=True)
+        callback_list.on_epoch_begin(epoch)
+        result = model.fit(
+            dataset, epochs=1, steps_per_epoch=steps[epoch], validation_data=validation, shuffle=False, verbose=0
+        )
+        logs = {name: float(series[-1]) for name, series in result.history.items()}
+        callback_list.on_epoch_end(epoch, logs)
+        logs = {name: series[-1] for name, series in recorder.history.items()}
+        if verbose:
+            figures = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items() if name != "epoch_seconds")
+            kind = "every image" if epoch < recipe.hard_plain_epochs else "hardest and others"
+            seconds = logs.get("epoch_seconds", 0.0)
+            print(
+                f"Epoch {epoch + 1}/{len(plan)} - {plan[epoch]:,} images ({kind}) - {seconds:.0f}s - {figures}",
+                flush=True,
+            )
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
+    return {name: [float(value) for value in series] for name, series in recorder.history.items()}
+
+
+def hardest_images_per_class(model: HardImageModel, y_train, recipe: Recipe) -> list[int]:
+    """How many of each class are among the ``hard_share`` of images with the highest loss when last trained on."""
+    labels = np.asarray(y_train)
+    labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
+    kept = int(round(recipe.hard_share * len(labels)))
+    hardest = np.argsort(-np.asarray(model.last_loss), kind="stable")[:kept]
+    return np.bincount(labels[hardest], minlength=NUM_CLASSES).tolist()
 
 
 def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epochs: int) -> str:
@@ -551,9 +797,16 @@ def training_path() -> list:
         resolve_precision,
         learning_rate_schedule,
         epoch_orders,
+        epoch_plan,
+        selected_images,
+        hard_selection,
+        batches,
         training_dataset,
         compiled_network,
+        plan_steps,
+        HardImageModel,
         build,
+        fit_hard_images,
         EpochTimer,
         EpochCheckpoint,
         fit,
