@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from fmnist import training
+from fmnist.pipeline import PROGRESS_LINE
 from fmnist.recipes import Recipe
 
 HARD = {
@@ -95,7 +96,7 @@ def test_the_training_step_records_each_images_loss_where_the_batch_says():
 
 
 def test_a_hard_image_training_runs_its_plan_hands_back_the_network_and_counts_the_images_it_saw(
-    tmp_path, tensorboard_log
+    tmp_path, tensorboard_log, capsys
 ):
     images, labels = _bands(640)
     recipe = Recipe.from_params("hard", HARD)
@@ -117,8 +118,13 @@ def test_a_hard_image_training_runs_its_plan_hands_back_the_network_and_counts_t
     assert sum(summary["hard_images"]["hardest_per_class"]) == 192
     # The callbacks saw one training of six epochs: one curve, a point per epoch.
     assert [step for step, _ in tensorboard_log.scalars(logs / "train", "epoch_loss")] == [0, 1, 2, 3, 4, 5]
-    again = training.fit(recipe, images, labels, images[:100], labels[:100], seed=0, verbose=0)
+    again = training.fit(recipe, images, labels, images[:100], labels[:100], seed=0, verbose=2)
     assert again.history["val_loss"] == fitted.history["val_loss"]  # The seed decides every choice.
+    # Its progress: two lines per epoch, as Keras prints them, which `fmnist run` shows.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "Epoch 1/6" and printed[-2] == "Epoch 6/6" and len(printed) == 12
+    assert printed[-1].startswith("5/5 - ") and "282 images (the hardest and others)" in printed[-1]
+    assert all(PROGRESS_LINE.match(line) for line in printed)
 
 
 def test_a_hard_image_training_resumed_from_its_checkpoint_selects_the_same_images(tmp_path):

@@ -733,11 +733,13 @@ def fit_hard_images(
         callback_list.on_epoch_end(epoch, logs)
         logs = {name: series[-1] for name, series in recorder.history.items()}
         if verbose:
+            # As Keras prints an epoch at verbose=2 (fmnist run shows these lines as progress), with its images.
             figures = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items() if name != "epoch_seconds")
-            kind = "every image" if epoch < recipe.hard_plain_epochs else "hardest and others"
+            kind = "every image" if epoch < recipe.hard_plain_epochs else "the hardest and others"
             seconds = logs.get("epoch_seconds", 0.0)
+            print(f"Epoch {epoch + 1}/{len(plan)}", flush=True)
             print(
-                f"Epoch {epoch + 1}/{len(plan)} - {plan[epoch]:,} images ({kind}) - {seconds:.0f}s - {figures}",
+                f"{steps[epoch]}/{steps[epoch]} - {seconds:.0f}s - {plan[epoch]:,} images ({kind}) - {figures}",
                 flush=True,
             )
         if model.stop_training:
