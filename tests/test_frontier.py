@@ -378,6 +378,7 @@ def test_the_results_table_reads_a_summary_written_before_the_compute_columns():
     }
     table = results.results_table([row])
     assert table.loc["old", "precision"] == "float32" and np.isnan(table.loc["old", "training (TFLOP)"])
+    assert table.loc["old", "images seen (passes)"] == 1.0
 
 
 def test_shipping_candidates_use_each_recipes_mean_validation_and_only_the_file_its_run_exported(tmp_path):

@@ -115,7 +115,13 @@ def test_a_hard_image_training_runs_its_plan_hands_back_the_network_and_counts_t
     assert summary["compute"]["flops"] == 6 * summary["multiply_adds"] * 2408
     assert summary["hard_images"]["selected_epochs"] == 4
     assert summary["hard_images"]["images_per_selected_epoch"] == 282
-    assert sum(summary["hard_images"]["hardest_per_class"]) == 192
+    # Per class, the 192 images of the highest loss at the end (rebuilt from a fresh training's record: same seed).
+    rebuilt = training.build(recipe, 640, seed=0)
+    rebuilt.last_loss.assign(np.where(labels == 3, 5.0, 1.0).astype(np.float32))  # Class 3 is the hardest.
+    assert training.hardest_images_per_class(rebuilt, labels, recipe) == [15, 15, 14, 64, 14, 14, 14, 14, 14, 14]
+    assert summary["hard_images"]["hardest_per_class"] == training.hardest_images_per_class(
+        _trained(recipe, images, labels), labels, recipe
+    )
     # The callbacks saw one training of six epochs: one curve, a point per epoch.
     assert [step for step, _ in tensorboard_log.scalars(logs / "train", "epoch_loss")] == [0, 1, 2, 3, 4, 5]
     again = training.fit(recipe, images, labels, images[:100], labels[:100], seed=0, verbose=2)
@@ -125,6 +131,13 @@ def test_a_hard_image_training_runs_its_plan_hands_back_the_network_and_counts_t
     assert printed[0] == "Epoch 1/6" and printed[-2] == "Epoch 6/6" and len(printed) == 12
     assert printed[-1].startswith("5/5 - ") and "282 images (the hardest and others)" in printed[-1]
     assert all(PROGRESS_LINE.match(line) for line in printed)
+
+
+def _trained(recipe, images, labels):
+    """The HardImageModel a fit of ``recipe`` on ``images`` trains (``fit`` hands back only its network)."""
+    model = training.build(recipe, len(labels), seed=0)
+    training.fit(recipe, images, labels, images[:100], labels[:100], seed=0, model=model, verbose=0)
+    return model
 
 
 def test_a_hard_image_training_resumed_from_its_checkpoint_selects_the_same_images(tmp_path):
@@ -178,6 +191,78 @@ def test_the_cosine_decay_ends_with_the_plans_last_step():
     schedule = training.learning_rate_schedule(recipe, steps[0], sum(steps))
     assert float(schedule(10)) == pytest.approx(0.01, rel=1e-3)  # The warm-up's one full epoch.
     assert float(schedule(sum(steps) - 1)) > 0.0 and float(schedule(sum(steps))) == pytest.approx(0.0, abs=1e-9)
+    # The model build() gives follows that schedule: its rate after 37 steps is the schedule's at step 37.
     model = training.build(recipe, 640, seed=0)
-    assert float(model.optimizer.learning_rate) == 0.0  # Step 0 of the warm-up; the schedule is the plan's:
-    assert model.optimizer._learning_rate.decay_steps == sum(steps) - 10
+    model.optimizer.iterations.assign(sum(steps) - 1)
+    assert float(model.optimizer.learning_rate) == pytest.approx(float(schedule(sum(steps) - 1)))
+    # A plain recipe's schedule is what it was: epochs x steps per epoch.
+    plain = dataclasses.replace(recipe, hard_share=0.0)
+    assert training.plan_steps(plain, 640) == [10] * 4
+    assert float(training.learning_rate_schedule(plain, 10)(39)) > 0.0
+    assert float(training.learning_rate_schedule(plain, 10)(40)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_early_stopping_works_through_the_hard_image_epochs():
+    images, labels = _bands(640)
+    # Validation images unlike the training ones: their loss soon rises, and patience 1 stops the training.
+    noise = np.random.default_rng(5).random((100, 28, 28, 1), dtype=np.float32)
+    recipe = Recipe.from_params("hard", {**HARD, "patience": 1, "epochs": 8, "learning_rate": 0.01})
+    fitted = training.fit(recipe, images, labels, noise, labels[:100], seed=0, verbose=0)
+    planned = len(training.epoch_plan(recipe, 640))
+    assert fitted.epochs_run < planned  # Stopped early.
+    assert fitted.best_epoch == int(np.argmin(fitted.history["val_loss"])) + 1 == fitted.epochs_run - 1
+    assert fitted.images_per_epoch == training.epoch_plan(recipe, 640)[: fitted.epochs_run]
+
+
+def test_a_hard_image_final_fit_learns_from_soft_targets_with_label_smoothing():
+    images, labels = _bands(640)
+    soft = 0.9 * training.one_hot(labels) + 0.01
+    recipe = Recipe.from_params("hard_final", {**HARD, "label_smoothing": 0.1})
+    fitted = training.fit(recipe, images, soft, None, None, seed=0, verbose=0)  # No validation: a final fit.
+    assert "val_loss" not in fitted.history and fitted.epochs_run == len(training.epoch_plan(recipe, 640))
+    assert fitted.summary(recipe, 640)["validation"] is None
+    # The recorded loss is the step's: cross-entropy against the smoothed soft targets, not the labels.
+    model = training.build(recipe, 64, seed=0)
+    index = np.arange(32, dtype=np.int32)
+    batch = tf.data.Dataset.from_tensors((images[index], soft[index], index))
+    before = keras.ops.convert_to_numpy(model.network(images[index], training=True))
+    model.fit(batch, epochs=1, shuffle=False, verbose=0)
+    expected = keras.losses.categorical_crossentropy(soft[index], before, label_smoothing=0.1).numpy()
+    np.testing.assert_allclose(np.asarray(model.last_loss)[index], expected, rtol=1e-4)
+
+
+def test_too_small_a_selection_is_refused_before_anything_trains():
+    recipe = Recipe.from_params("tiny", {**HARD, "hard_share": 0.001, "hard_rest_share": 0.0})
+    with pytest.raises(ValueError, match="select no image of 100; give larger shares or more training images"):
+        training.epoch_plan(recipe, 100)
+
+
+def test_a_search_refuses_a_hard_image_recipe():
+    from fmnist import tuning
+
+    with pytest.raises(ValueError, match="search over the recipe with hard_share: 0"):
+        tuning.SearchRequest(
+            recipe=Recipe.from_params("hard", HARD).as_dict(),
+            search_space={"learning_rate": [1e-3]},
+            seed=0,
+            validation_size=100,
+        )
+
+
+def test_the_results_and_the_report_count_the_images_a_hard_image_run_saw():
+    from fmnist import report, results
+
+    run = {
+        "train_images": 1000,
+        "epochs_run": 10,
+        "multiply_adds": 10,
+        "precision": "float32",
+        "compute": {"images_seen": 4000, "flops": 6 * 10 * 4000, "tflops": 2.4e-7},
+        "hard_images": {"selected_epochs": 8, "images_per_selected_epoch": 250, "hardest_per_class": [30] * 10},
+    }
+    assert results.images_seen(run) == 4000
+    older = {key: value for key, value in run.items() if key not in ("compute", "hard_images")}
+    assert results.images_seen(older) == 10_000  # Before it was recorded: every image in every epoch.
+    assert results.training_tflops(older) == pytest.approx(6 * 10 * 10_000 / 1e12)
+    assert "hard-image selection: 4,000 images seen, 4.0 passes" in report.compute_line(run)
+    assert "passes" not in report.compute_line({**run, "hard_images": None})

@@ -266,8 +266,9 @@ def quantisation_aware_fine_tune(
     epochs = recipe.quantisation_aware_epochs
     # First give every channel the same range, so that rounding each layer's input per image spares the weak ones.
     equalised = quantisation.equalise_channels(model, x_train[:EQUALISATION_IMAGES])
+    # Every image in every fine-tuning epoch, a hard-image recipe's too.
     batches = training.training_dataset(
-        x_train, y_train, dataclasses.replace(recipe, epochs=epochs, warmup_epochs=0), seed
+        x_train, y_train, dataclasses.replace(recipe, epochs=epochs, warmup_epochs=0, hard_share=0.0), seed
     )
     history = quantisation.fine_tune(
         model,

@@ -185,7 +185,13 @@ def compute_line(training: dict) -> str:
         if compute.get("achieved_gflops")
         else ""
     )
-    return f"\n- Trained in {mode}: {compute['tflops']:.1f} TFLOP (multiply-adds x 6 x images seen){rate}."
+    seen = compute.get("images_seen")
+    passes = (
+        f"; hard-image selection: {seen:,} images seen, {seen / training['train_images']:.1f} passes"
+        if seen and training.get("hard_images")
+        else ""
+    )
+    return f"\n- Trained in {mode}: {compute['tflops']:.1f} TFLOP (multiply-adds x 6 x images seen){passes}{rate}."
 
 
 def trials_table(layout: ArtifactLayout) -> pd.DataFrame:

@@ -69,6 +69,8 @@ def summarise(results: list[dict[str, Any]], latency: dict[str, dict] | None = N
                 "parameters": runs[0]["parameters"],
                 "multiply_adds": runs[0]["multiply_adds"],
                 "epochs_run_mean": float(np.mean([run["epochs_run"] for run in runs])),
+                # Passes over the training images: the epochs, unless a hard-image recipe made them shorter.
+                "passes_mean": float(np.mean([images_seen(run) / run["train_images"] for run in runs])),
                 "validation_accuracy_mean": validation,
                 # Training compute: 6 FLOPs per multiply-add per image seen (runs before it was recorded too).
                 "training_tflops_mean": float(np.mean([training_tflops(run) for run in runs])),
@@ -98,14 +100,17 @@ def training_seconds(run: dict[str, Any]) -> float:
     return float(run["train_seconds"]) + float(sum(fine_tuning.get("epoch_seconds", [])))
 
 
+def images_seen(run: dict[str, Any]) -> int:
+    """The training images a run's training went through, repeats counted (a hard-image recipe's epochs are
+    shorter than the training split; runs from before it was recorded saw all of it every epoch)."""
+    compute = run.get("compute") or {}
+    return int(compute.get("images_seen") or run["train_images"] * run["epochs_run"])
+
+
 def training_tflops(run: dict[str, Any]) -> float:
     """A run's training compute in TFLOP: multiply-adds x 6 x training images seen, with its quantisation-aware
     fine-tuning's and its teacher's, if any."""
-    own = (
-        run["compute"]["flops"]
-        if run.get("compute")
-        else 6 * run["multiply_adds"] * run["train_images"] * run["epochs_run"]
-    )
+    own = run["compute"]["flops"] if run.get("compute") else 6 * run["multiply_adds"] * images_seen(run)
     fine_tuning = (run.get("quantisation_aware") or {}).get("tflops") or 0.0
     # A distilled run also cost its teacher's training and predictions.
     return own / 1e12 + fine_tuning + ((run.get("teacher") or {}).get("tflops") or 0.0)
@@ -157,6 +162,8 @@ def results_table(rows: list[dict[str, Any]]):
     for column in ("training_tflops_mean", "achieved_gflops_mean", "precision"):
         if column not in frame:
             frame[column] = None
+    if "passes_mean" not in frame:  # Before hard-image selection, every epoch was one pass.
+        frame["passes_mean"] = frame["epochs_run_mean"]
 
     def plus_minus(mean: str, std: str) -> list[str]:
         # No-break spaces keep "0.9311 ± 0.0009" on one line in a narrow table column.
@@ -186,6 +193,7 @@ def results_table(rows: list[dict[str, Any]]):
             "parameters": frame["parameters"].map("{:,}".format),
             "multiply-adds (M)": (frame["multiply_adds"] / 1e6).round(2),
             "epochs": frame["epochs_run_mean"].round(1),
+            "images seen (passes)": frame["passes_mean"].round(1),
             "training (TFLOP)": frame["training_tflops_mean"].astype(float).round(1),
             "training (s)": frame["train_seconds_mean"].round(0),
             "achieved GFLOP/s": frame["achieved_gflops_mean"].astype(float).round(0),

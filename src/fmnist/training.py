@@ -196,6 +196,11 @@ def epoch_plan(recipe: Recipe, train_images: int) -> list[int]:
     if not recipe.hard_share:
         return [train_images] * recipe.epochs
     per_epoch = selected_images(recipe, train_images)
+    if per_epoch < 1:
+        raise ValueError(
+            f"recipe {recipe.name!r}: hard_share={recipe.hard_share} and hard_rest_share={recipe.hard_rest_share} "
+            f"select no image of {train_images}; give larger shares or more training images."
+        )
     budget = (recipe.epochs - recipe.hard_plain_epochs) * train_images
     return [train_images] * recipe.hard_plain_epochs + [per_epoch] * (budget // per_epoch)
 
@@ -214,12 +219,15 @@ def hard_selection(losses: np.ndarray, recipe: Recipe, seed: int, epoch: int) ->
     (seed, epoch), so the same losses always give the same epoch (a resumed
     training restores them from its checkpoint).
     """
-    images = len(losses)
-    kept = int(round(recipe.hard_share * images))
-    by_loss = np.argsort(-np.asarray(losses), kind="stable")
-    random = np.random.default_rng([seed, epoch, 1])
-    others = random.choice(by_loss[kept:], selected_images(recipe, images) - kept, replace=False)
-    return random.permutation(np.concatenate([by_loss[:kept], others]))
+    by_loss, kept = by_loss_and_kept(losses, recipe)
+    generator = np.random.default_rng([seed, epoch, 1])
+    others = generator.choice(by_loss[kept:], selected_images(recipe, len(losses)) - kept, replace=False)
+    return generator.permutation(np.concatenate([by_loss[:kept], others]))
+
+
+def by_loss_and_kept(losses: np.ndarray, recipe: Recipe) -> tuple[np.ndarray, int]:
+    """The images from the highest loss to the lowest (ties in index order), and how many a hard-image epoch keeps."""
+    return np.argsort(-np.asarray(losses), kind="stable"), int(round(recipe.hard_share * len(losses)))
 
 
 def batches(
@@ -347,28 +355,33 @@ class HardImageModel(keras.Model):
         return self.network(images, training=training)
 
     def _per_image_loss(self, targets, predicted):
-        return keras.losses.categorical_crossentropy(targets, predicted, label_smoothing=self.label_smoothing)
+        return tf.cast(
+            keras.losses.categorical_crossentropy(targets, predicted, label_smoothing=self.label_smoothing), tf.float32
+        )
+
+    def _batch_loss(self, per_image):
+        loss = tf.reduce_mean(per_image)
+        return loss + tf.add_n(self.network.losses) if self.network.losses else loss
 
     def train_step(self, data):
         images, targets, index = data
         with tf.GradientTape() as tape:
             predicted = self.network(images, training=True)
-            per_image = tf.cast(self._per_image_loss(targets, predicted), tf.float32)
-            loss = tf.reduce_mean(per_image)
-            if self.network.losses:
-                loss += tf.add_n(self.network.losses)
+            per_image = self._per_image_loss(targets, predicted)
+            loss = self._batch_loss(per_image)
         variables = self.network.trainable_variables
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         self.last_loss.assign(tf.tensor_scatter_nd_update(self.last_loss, index[:, tf.newaxis], per_image))
-        return self._update(loss, targets, predicted)
+        return self._update_metrics(loss, targets, predicted)
 
     def test_step(self, data):
         images, targets = data[0], data[1]
         predicted = self.network(images, training=False)
-        return self._update(tf.reduce_mean(self._per_image_loss(targets, predicted)), targets, predicted)
+        return self._update_metrics(self._batch_loss(self._per_image_loss(targets, predicted)), targets, predicted)
 
-    def _update(self, loss, targets, predicted):
-        self.loss_tracker.update_state(loss)
+    def _update_metrics(self, loss, targets, predicted):
+        # Weighted by the batch's images, as Keras' own loss tracker: a smaller last batch counts for less.
+        self.loss_tracker.update_state(loss, sample_weight=tf.shape(targets)[0])
         self.accuracy.update_state(targets, predicted)
         return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy.result()}
 
@@ -400,10 +413,17 @@ class Fitted:
     train_seconds: float
     resumed_at: int = 0  # Epochs that were already done in a checkpoint when this fit started.
     precision: str = "float32"  # What the training computed in ("bfloat16": mixed, float32 weights).
-    images_per_epoch: list[int] = dataclasses.field(default_factory=list)  # The images each epoch trained on.
+    images_per_epoch: list[int] | None = None  # The images each epoch trained on.
     # A hard-image training: how many of each class are among its hard_share of images with the highest loss at the
     # end (None for other trainings).
     hardest_per_class: list[int] | None = None
+
+    def __post_init__(self):
+        if self.images_per_epoch is None or len(self.images_per_epoch) != self.epochs_run:
+            raise ValueError(
+                f"images_per_epoch must give the images of each of the {self.epochs_run} epochs run, "
+                f"not {self.images_per_epoch!r}: the training's compute counts them."
+            )
 
     @property
     def epochs_run(self) -> int:
@@ -429,8 +449,8 @@ class Fitted:
             "hard_images": None
             if self.hardest_per_class is None
             else {
-                "selected_epochs": self.epochs_run - recipe.hard_plain_epochs,
-                "images_per_selected_epoch": self.images_per_epoch[-1],
+                "selected_epochs": max(0, self.epochs_run - recipe.hard_plain_epochs),
+                "images_per_selected_epoch": selected_images(recipe, train_images),
                 "hardest_per_class": self.hardest_per_class,
             },
             # None for a final fit (``Recipe.final_fit_of``): it trained on the validation split too.
@@ -648,9 +668,9 @@ def fit(
             recipe,
             x_train,
             y_train,
-            x_val,
-            y_val,
+            validation_data(x_val, y_val),
             seed=seed,
+            plan=plan,
             initial_epoch=initial_epoch,
             callbacks=callback_list,
             verbose=verbose,
@@ -664,7 +684,7 @@ def fit(
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch(len(y_train), recipe.batch_size),
             shuffle=False,  # Each epoch's order comes from the dataset, seeded per epoch.
-            validation_data=None if x_val is None else (x_val, one_hot(y_val)),
+            validation_data=validation_data(x_val, y_val),
             callbacks=callback_list,
             verbose=verbose,
         )
@@ -691,29 +711,33 @@ def fit(
     return Fitted(model, values, best_epoch, seconds, resumed_at, precision, images, hardest_per_class)
 
 
+def validation_data(x_val, y_val) -> tuple[np.ndarray, np.ndarray] | None:
+    """What ``model.fit`` validates on: the images with one-hot labels, or None (a final fit)."""
+    return None if x_val is None else (x_val, one_hot(y_val))
+
+
 def fit_hard_images(
     model: HardImageModel,
     recipe: Recipe,
     x_train,
     y_train,
-    x_val,
-    y_val,
+    validation: tuple[np.ndarray, np.ndarray] | None,
     *,
     seed: int,
+    plan: list[int],
     initial_epoch: int,
     callbacks: list[keras.callbacks.Callback],
     verbose: int,
 ) -> dict[str, list[float]]:
-    """Train a hard-image recipe's epochs from ``initial_epoch`` on; returns the history of those epochs.
+    """Train the epochs of a hard-image recipe's ``plan`` from ``initial_epoch`` on; returns their history.
 
     Each epoch's images depend on the losses the epochs before recorded, so each
     epoch gets its own input pipeline and ``model.fit`` call, while the callbacks
     see one training of all the epochs (one ``on_train_begin``, an
     ``on_epoch_end`` per epoch with its logs, one ``on_train_end``).
     """
-    plan, steps = epoch_plan(recipe, len(y_train)), plan_steps(recipe, len(y_train))
+    steps = [steps_per_epoch(images, recipe.batch_size) for images in plan]
     images, targets = tf.constant(x_train), tf.constant(training_targets(y_train))
-    validation = None if x_val is None else (x_val, one_hot(y_val))
     plain_orders = epoch_orders(len(y_train), recipe.hard_plain_epochs, seed)
     # Keras' History records the logs as the callbacks left them (with EpochTimer's epoch_seconds).
     recorder = keras.callbacks.History()
@@ -749,12 +773,15 @@ def fit_hard_images(
 
 
 def hardest_images_per_class(model: HardImageModel, y_train, recipe: Recipe) -> list[int]:
-    """How many of each class are among the ``hard_share`` of images with the highest loss when last trained on."""
+    """How many of each class are among the ``hard_share`` of images with the highest loss when last trained on.
+
+    The losses are those of the weights the training hands back (early stopping restores the best epoch's). With
+    soft targets (distillation) an image's class is its target's most likely one.
+    """
     labels = np.asarray(y_train)
     labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-    kept = int(round(recipe.hard_share * len(labels)))
-    hardest = np.argsort(-np.asarray(model.last_loss), kind="stable")[:kept]
-    return np.bincount(labels[hardest], minlength=NUM_CLASSES).tolist()
+    by_loss, kept = by_loss_and_kept(np.asarray(model.last_loss), recipe)
+    return np.bincount(labels[by_loss[:kept]], minlength=NUM_CLASSES).tolist()
 
 
 def fit_request(recipe: Recipe, x_train, y_train, x_val, y_val, seed: int, epochs: int) -> str:
@@ -802,12 +829,14 @@ def training_path() -> list:
         epoch_plan,
         selected_images,
         hard_selection,
+        by_loss_and_kept,
         batches,
         training_dataset,
         compiled_network,
         plan_steps,
         HardImageModel,
         build,
+        validation_data,
         fit_hard_images,
         EpochTimer,
         EpochCheckpoint,

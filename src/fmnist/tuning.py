@@ -128,7 +128,12 @@ class SearchRequest:
         if self.recipe.get("precision", "auto") == "auto":
             # Resolved once, where the request is made: every trial, in any worker on any machine, computes alike.
             object.__setattr__(self, "recipe", {**self.recipe, "precision": training.resolve_precision("auto")})
-        self.base_recipe()  # Checks the recipe's fields.
+        if self.base_recipe().hard_share:  # Also checks the recipe's fields.
+            raise ValueError(
+                f"recipe {self.recipe['name']!r}: hard-image selection (hard_share={self.recipe['hard_share']}) "
+                "plans its own epochs, and a search trains its trials in rounds of given epochs; search over the "
+                "recipe with hard_share: 0."
+            )
 
     def base_recipe(self) -> Recipe:
         return Recipe(**{**self.recipe, "stages": tuple(self.recipe.get("stages", (1, 1, 2)))})
